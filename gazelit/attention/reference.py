@@ -1,0 +1,89 @@
+"""The exact reference: materialise the Gaze Attention mask and run SDPA. The oracle for every fast path.
+
+Memory is O(B * Hq * Lq * S): use it for tests, debugging and small inputs, never for long sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL, GazeLayout
+from gazelit.attention.routing import (
+    available_regions,
+    region_descriptors,
+    region_scores,
+    select_regions,
+    selection_table,
+)
+
+
+def reference_routing(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: GazeLayout,
+    top_k: int | None,
+    q_offset: int = 0,
+    shared: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of every query row: indices and scores (B, Hq, Lq, kk), -1 where nothing is selected.
+
+    Rows that are not text are routed too (harmlessly); only text rows use the result.
+    """
+    positions = torch.arange(q_offset, q_offset + q.shape[2], device=q.device)
+    desc = region_descriptors(k, layout)
+    scores = region_scores(q, desc)  # (B, Hq, Lq, R)
+    avail = available_regions(layout, positions).unsqueeze(1)  # (B, 1, Lq, R)
+    return select_regions(scores, avail, top_k, num_kv_heads=k.shape[1], shared=shared)
+
+
+def gaze_mask(
+    layout: GazeLayout, routing: torch.Tensor, q_offset: int, q_len: int, kv_len: int, num_heads: int
+) -> torch.Tensor:
+    """Boolean (B, Hq, Lq, S) mask: True where query row i (position q_offset + i) may attend key j."""
+    device = layout.device
+    qpos = torch.arange(q_offset, q_offset + q_len, device=device)
+    kpos = torch.arange(kv_len, device=device)
+    kind_q, kind_k = layout.kinds_at(qpos), layout.kinds_at(kpos)  # (B, Lq), (B, S)
+    unit_q, unit_k = layout.units_at(qpos), layout.units_at(kpos)
+    region_k = layout.regions_at(kpos)  # (B, S)
+    causal = (kpos[None, :] <= qpos[:, None]).unsqueeze(0)  # (1, Lq, S)
+    real_k = (kind_k != PAD).unsqueeze(1)  # (B, 1, S)
+
+    selected = selection_table(routing, max(layout.num_regions, 1))  # (B, Hq, Lq, R)
+    gathered = selected.gather(-1, region_k.clamp(min=0)[:, None, None, :].expand(-1, num_heads, q_len, -1))
+    visual_k = (kind_k == VISUAL)[:, None, None, :]
+    text_allowed = causal.unsqueeze(1) & real_k.unsqueeze(1) & (~visual_k | gathered)  # (B, Hq, Lq, S)
+
+    dense_allowed = causal & real_k  # visual queries: causal, as the base model
+    context_allowed = causal & real_k & (unit_k[:, None, :] == unit_q[:, :, None])
+    pad_allowed = (kpos[None, :] == qpos[:, None]).unsqueeze(0).expand_as(dense_allowed)
+
+    kq = kind_q[:, None, :, None]
+    mask = torch.where(kq == TEXT, text_allowed, False)
+    mask = mask | ((kq == VISUAL) & dense_allowed.unsqueeze(1))
+    mask = mask | ((kq == CONTEXT) & context_allowed.unsqueeze(1))
+    mask = mask | ((kq == PAD) & pad_allowed.unsqueeze(1))
+    return mask
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: GazeLayout,
+    top_k: int | None,
+    scale: float | None = None,
+    q_offset: int = 0,
+    shared: bool = False,
+    routing: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact Gaze Attention. q (B, Hq, Lq, D) at positions [q_offset, q_offset + Lq); k, v (B, Hkv, S, D).
+
+    Returns (B, Hq, Lq, D). `routing` (B, Hq, Lq, kk) overrides the computed top-k indices.
+    Outputs of padding query rows are meaningless (they attend only to themselves).
+    """
+    if routing is None:
+        routing, _ = reference_routing(q, k, layout, top_k, q_offset=q_offset, shared=shared)
+    mask = gaze_mask(layout, routing, q_offset, q.shape[2], k.shape[2], q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

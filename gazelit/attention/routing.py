@@ -1,0 +1,106 @@
+"""Routing: region descriptors (mean of keys), query-descriptor scores and top-k region selection.
+
+Descriptors are the mean of each region's keys, exactly the keys attention uses (after RoPE), per KV
+head, accumulated in float32 (float64 for float64 keys). Selection is discrete: it runs without gradient;
+gradients reach queries and keys only through the attention over the selected tokens.
+
+Query head h reads KV head h // G (G = query heads per KV head, the `repeat_kv` convention of
+transformers). With `shared=True` one selection is made per KV head from the scores summed over its G
+query heads (fewer distinct bytes to read at decode); by default every query head selects on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gazelit.attention.layout import VISUAL, GazeLayout
+
+
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def region_descriptors(keys: torch.Tensor, layout: GazeLayout, sample: int | None = None) -> torch.Tensor:
+    """Mean key of every region: (B, Hkv, R, D), or (Hkv, R, D) for one `sample`.
+
+    `keys` is (B, Hkv, S, D) with S >= the positions of the regions' tokens. Padding regions are zero.
+    """
+    samples = range(layout.batch_size) if sample is None else [sample]
+    out = []
+    for b in samples:
+        pos, reg = _visual_positions(layout, b)
+        h, _, d = keys.shape[1:]
+        acc = torch.zeros(h, max(layout.num_regions, 1), d, dtype=routing_dtype(keys.dtype), device=keys.device)
+        if pos.numel():
+            acc.index_add_(1, reg, keys[b].index_select(1, pos).to(acc.dtype))
+            counts = torch.bincount(reg, minlength=acc.shape[1]).clamp(min=1).to(acc.dtype)
+            acc = acc / counts[:, None]
+        out.append(acc[:, : layout.num_regions])
+    return out[0] if sample is not None else torch.stack(out)
+
+
+def _visual_positions(layout: GazeLayout, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = ("visual_positions", b)
+    if key not in layout._cache:
+        pos = (layout.kind[b] == VISUAL).nonzero().flatten()
+        layout._cache[key] = (pos, layout.region[b, pos])
+    return layout._cache[key]
+
+
+@torch.no_grad()
+def region_scores(queries: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
+    """q . descriptor for grouped heads: queries (..., Hq, N, D), descriptors (..., Hkv, R, D) -> (..., Hq, N, R)."""
+    hq, n, d = queries.shape[-3:]
+    hkv, r = descriptors.shape[-3:-1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    lead = queries.shape[:-3]
+    q = queries.to(descriptors.dtype).reshape(*lead, hkv, (hq // hkv) * n, d)
+    s = q @ descriptors.transpose(-1, -2)
+    return s.reshape(*lead, hq, n, r)
+
+
+@torch.no_grad()
+def select_regions(
+    scores: torch.Tensor, available: torch.Tensor, k: int | None, num_kv_heads: int, shared: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k regions per query head among the available ones.
+
+    scores (..., Hq, N, R); available broadcastable to it (bool). Returns (indices, scores) of shape
+    (..., Hq, N, kk) with kk = min(k, R); an index is -1 where fewer than k regions are available.
+    k=None selects every available region (in index order).
+    """
+    r = scores.shape[-1]
+    masked = scores.masked_fill(~available, float("-inf"))
+    hq, n = scores.shape[-3:-1]
+    if shared:
+        lead = scores.shape[:-3]
+        g = hq // num_kv_heads
+        masked = masked.reshape(*lead, num_kv_heads, g, n, r).sum(-3)
+    if k is None or k >= r:
+        kk = r
+        top_s, top_i = masked, torch.arange(r, device=scores.device).expand_as(masked)
+    else:
+        kk = max(int(k), 0)
+        top_s, top_i = masked.topk(kk, dim=-1) if kk else (masked[..., :0], masked[..., :0].long())
+    top_i = torch.where(torch.isinf(top_s) & (top_s < 0), torch.full_like(top_i, -1), top_i)
+    if shared:
+        lead = scores.shape[:-3]
+        g = hq // num_kv_heads
+        top_i = top_i.unsqueeze(-3).expand(*lead, num_kv_heads, g, n, kk).reshape(*lead, hq, n, kk)
+        top_s = top_s.unsqueeze(-3).expand(*lead, num_kv_heads, g, n, kk).reshape(*lead, hq, n, kk)
+    return top_i, top_s
+
+
+def selection_table(indices: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """Boolean (..., R) table from indices (..., kk) with -1 for none."""
+    table = torch.zeros(*indices.shape[:-1], num_regions + 1, dtype=torch.bool, device=indices.device)
+    table.scatter_(-1, indices.clamp(min=-1) % (num_regions + 1), True)
+    return table[..., :num_regions]
+
+
+def available_regions(layout: GazeLayout, positions: torch.Tensor) -> torch.Tensor:
+    """(B, N, R) bool: region r is visible to a query at position p (its units all end before p)."""
+    pos = positions if positions.dim() == 2 else positions.unsqueeze(0).expand(layout.batch_size, -1)
+    return layout.region_ready.unsqueeze(1) <= pos.unsqueeze(-1)

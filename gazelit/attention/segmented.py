@@ -1,0 +1,231 @@
+"""CPU fast path: Gaze Attention as a few fused flash-attention calls per sample, exact forward and backward.
+
+Every query row sees a *window* of keys ending at itself, minus unselected visual tokens for routed text:
+  visual rows and unrouted text rows: keys [first real token, row]            (dense causal)
+  context rows of unit u:             keys [start of u, row]                  (own unit only)
+  routed text rows:                   keys [first real token, row], visual keys only in selected regions
+
+`plan_pieces` cuts each sample's rows into runs with the same rule and each run into pieces; a piece is
+one call of torch's CPU flash-attention kernel (`aten._scaled_dot_product_flash_attention_for_cpu`,
+native GQA, additive mask, returns the log-sum-exp its backward needs):
+  causal: a run that starts where its keys start: one `is_causal` call, no mask (the bulk of the work);
+  window: `chunk` rows of a run whose keys start earlier, with a lower-right causal mask shared by heads;
+  routed: `chunk` rows of routed text, with a per-head mask built from the top-k selection.
+Each row belongs to exactly one piece, so outputs need no merging and the backward is one kernel call per
+piece with the saved log-sum-exp. Routed masks are rebuilt in backward from the saved top-k indices.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from gazelit.attention.layout import GazeLayout
+from gazelit.attention.routing import (
+    _visual_positions,
+    region_descriptors,
+    region_scores,
+    select_regions,
+    selection_table,
+)
+
+_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+@dataclass(frozen=True)
+class Piece:
+    sample: int
+    q0: int  # query positions [q0, q1)
+    q1: int
+    k0: int  # key positions [k0, k1)
+    k1: int
+    mode: str  # "causal" | "window" | "routed"
+
+
+def plan_pieces(
+    layout: GazeLayout, q_offset: int, q_len: int, kv_len: int, top_k: int | None, chunk: int = 128
+) -> list[Piece]:
+    """Pieces covering every real query row in [q_offset, q_offset + q_len) exactly once."""
+    key = ("pieces", q_offset, q_len, kv_len, top_k, chunk)
+    if key in layout._cache:
+        return layout._cache[key]
+    pieces: list[Piece] = []
+    for b, s in enumerate(layout.samples):
+        lo, hi = s.valid
+        if hi < layout.length and q_offset + q_len > layout.length:
+            raise ValueError(
+                f"sample {b} is right-padded ({hi} < {layout.length}) but tokens are appended after the layout; "
+                "pad on the left for generation"
+            )
+        end = hi if hi < layout.length else kv_len
+        rows = (max(q_offset, lo), min(q_offset + q_len, end))
+        ready = sorted(s.region_ready)
+        runs: list[tuple[int, int, str, int]] = []  # (start, end, rule, key start)
+
+        def add(a: int, z: int, rule: str, key_start: int) -> None:
+            a, z = max(a, rows[0]), min(z, rows[1])
+            if a >= z:
+                return
+            if runs and runs[-1][1] == a and runs[-1][2] == rule and runs[-1][3] == key_start:
+                runs[-1] = (runs[-1][0], z, rule, key_start)
+            else:
+                runs.append((a, z, rule, key_start))
+
+        def add_text(a: int, z: int) -> None:
+            routed = top_k is not None and bisect.bisect_right(ready, a) > top_k
+            add(a, z, "routed" if routed else "window", lo)
+
+        prev = lo
+        for u, u_end in zip(s.units, s.unit_end):
+            add_text(prev, u.start)
+            add(u.start, u.start + u.num_visual, "window", lo)
+            add(u.start + u.num_visual, u_end, "window", u.start)
+            prev = u_end
+        add_text(prev, end)
+
+        for a, z, rule, ks in runs:
+            if rule == "window" and a == ks:
+                pieces.append(Piece(b, a, z, a, z, "causal"))
+                continue
+            for c in range(a, z, chunk):
+                d = min(z, c + chunk)
+                pieces.append(Piece(b, c, d, ks, d, rule))
+    layout._cache[key] = pieces
+    return pieces
+
+
+def _window_mask(rows: int, keys: int, dtype, device) -> torch.Tensor:
+    """(1, 1, rows, keys) additive mask: row i sees keys up to keys - rows + i."""
+    m = torch.zeros(rows, keys, dtype=dtype, device=device)
+    m[:, keys - rows :] = torch.full((rows, rows), float("-inf"), dtype=dtype, device=device).triu(1)
+    return m.view(1, 1, rows, keys)
+
+
+def _routed_mask(layout: GazeLayout, p: Piece, indices: torch.Tensor, dtype, device) -> torch.Tensor:
+    """(1, Hq, rows, keys) additive mask for routed text rows from top-k indices (Hq, rows, kk)."""
+    hq, rows = indices.shape[:2]
+    keys = p.k1 - p.k0
+    m = _window_mask(rows, keys, dtype, device).expand(1, hq, rows, keys).clone()
+    pos, reg = _visual_positions(layout, p.sample)
+    inside = (pos >= p.k0) & (pos < p.k1)
+    pos, reg = pos[inside], reg[inside]
+    if pos.numel():
+        selected = selection_table(indices, max(layout.num_regions, 1))[:, :, reg]  # (Hq, rows, nv)
+        blocked = torch.full((), float("-inf"), dtype=dtype, device=device)
+        m[0, :, :, pos - p.k0] = torch.where(selected, torch.zeros((), dtype=dtype, device=device), blocked)
+    return m
+
+
+def _route_piece(q_rows, descriptors, layout, p, top_k, num_kv_heads, shared):
+    ready = layout.region_ready[p.sample]
+    pos = torch.arange(p.q0, p.q1, device=q_rows.device)
+    avail = ready[None, :] <= pos[:, None]  # (rows, R)
+    scores = region_scores(q_rows, descriptors)  # (Hq, rows, R)
+    return select_regions(scores, avail, top_k, num_kv_heads, shared=shared)[0]
+
+
+class _SegmentedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing):
+        # q (B, Hq, Lq, D) possibly strided; k, v (B, Hkv, S, D)
+        b_, hq, lq, d = q.shape
+        out = q.new_zeros(b_, lq, hq, d)  # HF layout; written through a transposed view
+        out_t = out.transpose(1, 2)
+        descriptors = {}
+        lses, routes = [], []
+        for p in pieces:
+            qs = q[p.sample : p.sample + 1, :, p.q0 - q_offset : p.q1 - q_offset]
+            ks, vs = k[p.sample : p.sample + 1, :, p.k0 : p.k1], v[p.sample : p.sample + 1, :, p.k0 : p.k1]
+            mask, route = None, None
+            if p.mode == "window":
+                mask = _window_mask(p.q1 - p.q0, p.k1 - p.k0, q.dtype, q.device)
+            elif p.mode == "routed":
+                if routing is not None:
+                    route = routing[p.sample, :, p.q0 - q_offset : p.q1 - q_offset]
+                else:
+                    if p.sample not in descriptors:
+                        descriptors[p.sample] = region_descriptors(k, layout, sample=p.sample)
+                    route = _route_piece(qs[0], descriptors[p.sample], layout, p, top_k, k.shape[1], shared)
+                mask = _routed_mask(layout, p, route, q.dtype, q.device)
+                if stats is not None:
+                    _accumulate_stats(stats, layout, p, route)
+            o, lse = _FWD(qs, ks, vs, 0.0, p.mode == "causal", attn_mask=mask, scale=scale)
+            out_t[p.sample : p.sample + 1, :, p.q0 - q_offset : p.q1 - q_offset] = o
+            lses.append(lse)
+            routes.append(route if route is not None else lse.new_empty(0, dtype=torch.long))
+        ctx.save_for_backward(q, k, v, out, *lses, *routes)
+        ctx.layout, ctx.pieces, ctx.q_offset, ctx.scale = layout, pieces, q_offset, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, *rest = ctx.saved_tensors
+        n = len(ctx.pieces)
+        lses, routes = rest[:n], rest[n:]
+        layout, off = ctx.layout, ctx.q_offset
+        grad_t = grad_out.transpose(1, 2)
+        out_t = out.transpose(1, 2)
+        dq = torch.zeros_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        for p, lse, route in zip(ctx.pieces, lses, routes):
+            b, rows = slice(p.sample, p.sample + 1), slice(p.q0 - off, p.q1 - off)
+            keys = slice(p.k0, p.k1)
+            mask = None
+            if p.mode == "window":
+                mask = _window_mask(p.q1 - p.q0, p.k1 - p.k0, q.dtype, q.device)
+            elif p.mode == "routed":
+                mask = _routed_mask(layout, p, route, q.dtype, q.device)
+            gq, gk, gv = _BWD(
+                grad_t[b, :, rows].contiguous(),
+                q[b, :, rows],
+                k[b, :, keys],
+                v[b, :, keys],
+                out_t[b, :, rows],
+                lse,
+                0.0,
+                p.mode == "causal",
+                attn_mask=mask,
+                scale=ctx.scale,
+            )
+            dq[b, :, rows] = gq
+            dk[b, :, keys] += gk
+            dv[b, :, keys] += gv
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _accumulate_stats(stats: dict, layout: GazeLayout, p: Piece, route: torch.Tensor) -> None:
+    sizes = (layout.region_tokens[p.sample] >= 0).sum(-1)  # (R,)
+    ready = layout.region_ready[p.sample]
+    pos = torch.arange(p.q0, p.q1, device=route.device)
+    available = ((ready[None, :] <= pos[:, None]) * sizes).sum(-1)  # (rows,)
+    attended = torch.where(route >= 0, sizes[route.clamp(min=0)], 0).sum(-1)  # (Hq, rows)
+    stats["attended_visual"] = stats.get("attended_visual", 0) + attended.sum().item()
+    stats["available_visual"] = stats.get("available_visual", 0) + available.sum().item() * route.shape[0]
+
+
+def segmented_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: GazeLayout,
+    top_k: int | None,
+    scale: float | None = None,
+    q_offset: int = 0,
+    shared: bool = False,
+    chunk: int = 128,
+    stats: dict | None = None,
+    routing: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact Gaze Attention on CPU. q (B, Hq, Lq, D) at positions [q_offset, +Lq); k, v (B, Hkv, S, D).
+
+    Returns (B, Lq, Hq, D) (the layout transformers' attention modules expect). Padding rows are zero.
+    `routing` (B, Hq, Lq, kk) overrides the top-k selection of routed text rows (tests, oracle routing).
+    """
+    if q.device.type != "cpu":
+        raise RuntimeError("segmented_attention runs on CPU; use the flex path on GPU")
+    pieces = plan_pieces(layout, q_offset, q.shape[2], k.shape[2], top_k, chunk)
+    return _SegmentedAttention.apply(q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing)

@@ -1,0 +1,204 @@
+"""Fast paths (segmented CPU kernel path, FlexAttention, cached decode) equal the reference.
+
+Random batches: odd grids, 1-3 units, images and video frames, GQA ratios 1/2/4, text before, between
+and after units, left and right padding, context tokens 0 or 2. The fast paths get the reference's
+routing indices injected, and are also checked with their own routing.
+"""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import gazelit.attention.flex as flex_module
+from gazelit.attention import (
+    PAD,
+    GazeLayout,
+    RegionShape,
+    build_state,
+    decode_attention,
+    flex_gaze_attention,
+    gaze_mask,
+    reference_attention,
+    reference_routing,
+    segmented_attention,
+)
+from gazelit.attention.flex import build_block_mask, text_routing
+
+from .cases import random_case
+
+CASES = [
+    # seed, (hq, hkv), video, padding, num_context, top_k
+    (10, (4, 4), False, "right", 2, 1),
+    (11, (4, 2), False, "left", 2, 2),
+    (12, (4, 1), False, "right", 0, 3),
+    (13, (4, 2), True, "left", 2, 2),
+    (14, (4, 1), True, "right", 1, None),
+    (15, (4, 4), True, "right", 0, 0),
+    (16, (4, 2), False, "none", 3, 5),
+]
+
+
+def make(seed, heads, video, padding, m, dtype=torch.float64, grad=False):
+    region = RegionShape(2, 2, 2) if video else RegionShape(2, 3, 1)
+    hq, hkv = heads
+    return random_case(
+        seed, hq=hq, hkv=hkv, dtype=dtype, grad=grad, num_context=m, region=region, video=video, padding=padding
+    )
+
+
+@pytest.mark.parametrize("seed,heads,video,padding,m,top_k", CASES)
+@pytest.mark.parametrize("inject", [True, False])
+def test_segmented_equals_reference_forward_and_backward(seed, heads, video, padding, m, top_k, inject):
+    case = make(seed, heads, video, padding, m, grad=True)
+    q, k, v, layout = case.q, case.k, case.v, case.layout
+    routing, _ = reference_routing(q, k, layout, top_k)
+    ref = reference_attention(q, k, v, layout, top_k, routing=routing)
+    out = segmented_attention(q, k, v, layout, top_k, chunk=4, routing=routing if inject else None).transpose(1, 2)
+    real = case.real_rows
+    grad = torch.randn_like(ref) * real
+    g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    assert ((ref - out) * real).abs().max() < 1e-10
+    for a, b in zip(g_ref, g_out):
+        assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_segmented_float32_and_shared_gqa(shared):
+    case = make(17, (4, 2), False, "right", 2, dtype=torch.float32, grad=True)
+    q, k, v, layout = case.q, case.k, case.v, case.layout
+    routing, _ = reference_routing(q, k, layout, 2, shared=shared)
+    ref = reference_attention(q, k, v, layout, 2, routing=routing)
+    out = segmented_attention(q, k, v, layout, 2, shared=shared, routing=routing).transpose(1, 2)
+    grad = torch.randn_like(ref) * case.real_rows
+    g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    assert ((ref - out) * case.real_rows).abs().max() < 1e-5
+    for a, b in zip(g_ref, g_out):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_segmented_with_a_query_offset_continues_a_cached_sequence():
+    """A later chunk of queries (holding a new unit) against the cache, as in a multi-turn prefill."""
+    case = make(18, (4, 2), False, "none", 2)
+    q, k, v, layout = case.q, case.k, case.v, case.layout
+    start = min(s.units[-1].start for s in layout.samples) - 1  # text, then each sample's last unit
+    ref = reference_attention(q[:, :, start:], k, v, layout, 2, q_offset=start)
+    out = segmented_attention(q[:, :, start:], k, v, layout, 2, q_offset=start).transpose(1, 2)
+    real = case.real_rows[:, :, start:]
+    assert ((ref - out) * real).abs().max() < 1e-10
+
+
+def test_segmented_stats_count_attended_visual_tokens():
+    case = make(19, (4, 2), False, "right", 2)
+    stats = {}
+    segmented_attention(case.q, case.k, case.v, case.layout, 1, stats=stats, chunk=4)
+    assert 0 < stats["attended_visual"] < stats["available_visual"]
+    stats_all = {}
+    segmented_attention(case.q, case.k, case.v, case.layout, 10_000, stats=stats_all, chunk=4)
+    assert stats_all == {}  # k >= regions: nothing is routed
+
+
+@pytest.mark.parametrize("seed,heads,video,padding,m,top_k", CASES[:5])
+def test_flex_equals_reference_and_block_lists_cover_the_mask(seed, heads, video, padding, m, top_k, monkeypatch):
+    monkeypatch.setattr(flex_module, "BLOCK", 8)  # small tiles so that tiling decisions matter
+    case = make(seed, heads, video, padding, m, dtype=torch.float32)
+    q, k, v, layout = case.q, case.k, case.v, case.layout
+    routing, _ = reference_routing(q, k, layout, top_k)
+    ref = reference_attention(q, k, v, layout, top_k, routing=routing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_gaze_attention(q, k, v, layout, top_k, routing=routing)
+        own = flex_gaze_attention(q, k, v, layout, top_k)
+    assert ((ref - out) * case.real_rows).abs().max() < 1e-5
+    assert ((ref - own) * case.real_rows).abs().max() < 1e-5
+
+    length, hq = layout.length, q.shape[1]
+    table, row_of = text_routing(q, k, layout, top_k, 0, False, routing)
+    block_mask = build_block_mask(layout, table, row_of, 0, length, length)
+    listed = block_mask.to_dense().bool()  # partial + full tiles
+    exact = gaze_mask(layout, routing, 0, length, length, hq)
+    n = -(-length // 8)
+    exact_tiles = torch.nn.functional.pad(exact, (0, n * 8 - length, 0, n * 8 - length))
+    exact_tiles = exact_tiles.view(*exact.shape[:2], n, 8, n, 8).any(3).any(-1)
+    assert not (exact_tiles & ~listed).any(), "a tile with an allowed (query, key) pair is not listed"
+    # full tiles (no mask_mod) must be entirely allowed
+    full = torch.zeros_like(listed)
+    if block_mask.full_kv_num_blocks is not None:
+        for b, h, i in itertools.product(range(listed.shape[0]), range(listed.shape[1]), range(n)):
+            hh = min(h, block_mask.full_kv_num_blocks.shape[1] - 1)
+            cnt = int(block_mask.full_kv_num_blocks[b, hh, i])
+            full[b, h, i, block_mask.full_kv_indices[b, hh, i, :cnt].long()] = True
+    padded = torch.nn.functional.pad(exact, (0, n * 8 - length, 0, n * 8 - length), value=True)
+    all_allowed = padded.view(*exact.shape[:2], n, 8, n, 8).all(3).all(-1)
+    assert not (full & ~all_allowed).any()
+
+
+@pytest.mark.parametrize("seed,heads,video,padding,m,top_k", [c for c in CASES if c[3] != "right"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_decode_equals_reference(seed, heads, video, padding, m, top_k, shared):
+    """New text queries after the prompt: decode over gathered K/V equals the reference mask."""
+    case = make(seed, heads, video, padding, m)
+    layout = case.layout
+    b, hkv, length, d = case.k.shape
+    g = torch.Generator().manual_seed(seed)
+    total = length + 5
+    q = torch.randn(b, heads[0], total, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, total + 3, d, generator=g, dtype=torch.float64)  # +3: unused static-cache slots
+    v = torch.randn(b, hkv, total + 3, d, generator=g, dtype=torch.float64)
+    state = build_state(k, v, layout, length)
+    for start, n in [(length, 2), (length + 2, 1), (length + 3, 2)]:
+        rows = slice(start, start + n)
+        ref = reference_attention(q[:, :, rows], k[:, :, : start + n], v[:, :, : start + n], layout, top_k,
+                                  q_offset=start, shared=shared)
+        out, sel, _ = decode_attention(q[:, :, rows], k, v, layout, state, top_k, start, shared=shared)
+        assert (ref.transpose(1, 2) - out).abs().max() < 1e-10
+        want, _ = reference_routing(q[:, :, rows], k[:, :, : start + n], layout, top_k, q_offset=start, shared=shared)
+        assert torch.equal(sel, want)
+
+
+def test_decode_never_reads_unselected_visual_rows():
+    """Poison every visual key/value outside the selected regions: the decode output must not change."""
+    case = make(20, (4, 2), False, "left", 2)
+    layout = case.layout
+    b, hkv, length, d = case.k.shape
+    q = torch.randn(b, 4, 1, d, dtype=torch.float64)
+    k = torch.cat([case.k, torch.randn(b, hkv, 1, d, dtype=torch.float64)], 2)
+    v = torch.cat([case.v, torch.randn(b, hkv, 1, d, dtype=torch.float64)], 2)
+    state = build_state(k, v, layout, length)
+    out, sel, _ = decode_attention(q, k, v, layout, state, 1, length, shared=True)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for i in range(b):
+        for h in range(hkv):
+            chosen = sel[i, h * 2, 0][sel[i, h * 2, 0] >= 0]
+            keep = torch.isin(layout.region[i], chosen)
+            kill = (layout.region[i] >= 0) & ~keep
+            poisoned_k[i, h, : layout.length][kill] = float("nan")
+            poisoned_v[i, h, : layout.length][kill] = float("nan")
+    again, _, _ = decode_attention(q, poisoned_k, poisoned_v, layout, state, 1, length, shared=True)
+    assert torch.equal(out, again)
+
+
+def test_descriptors_are_computed_once_per_layer_state():
+    case = make(21, (4, 2), False, "left", 2)
+    layout = case.layout
+    k = torch.cat([case.k, case.k[:, :, :4]], 2)
+    v = torch.cat([case.v, case.v[:, :, :4]], 2)
+    state = build_state(k, v, layout, layout.length)
+    before = state.descriptors.clone()
+    k[:, :, : layout.length] += 1.0  # later steps never recompute descriptors from the cache
+    decode_attention(case.q[:, :, -1:], k, v, layout, state, 2, layout.length)
+    assert torch.equal(state.descriptors, before)
+
+
+def test_layout_without_units_routes_nothing():
+    layout = GazeLayout.build([[], []], 12, 0, valid=[(0, 12), (3, 12)])
+    q = torch.randn(2, 4, 12, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, 12, 8, dtype=torch.float64)
+    v = torch.randn(2, 2, 12, 8, dtype=torch.float64)
+    ref = reference_attention(q, k, v, layout, 2)
+    out = segmented_attention(q, k, v, layout, 2).transpose(1, 2)
+    real = (layout.kind != PAD)[:, None, :, None]
+    assert ((ref - out) * real).abs().max() < 1e-12
