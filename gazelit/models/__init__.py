@@ -1,0 +1,1 @@
+"""Model building blocks for gazelit: vision encoders, projectors, LLM loading and tiny test configs."""
