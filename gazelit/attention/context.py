@@ -84,7 +84,10 @@ def parse_top_k(value: int | str | None) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"top_k must be an integer or 'all', got {value!r}")
-    k = int(value)
+    try:
+        k = int(value)
+    except ValueError:
+        raise ValueError(f"top_k must be an integer or 'all', got {value!r}") from None
     if k < 0:
         raise ValueError(f"top_k must be >= 0 or 'all', got {value!r}")
     return k

@@ -1,0 +1,396 @@
+"""GazeVLM: vision encoder -> projector -> visual tokens and context tokens spliced into the LLM's input,
+with the LLM attending through Gaze Attention.
+
+A batch follows gazelit.batch: every unit (image or video frame) is encoded, projected to the LLM width
+on the projected grid (optionally average-pooled: the token-matched dense baseline), written over its
+VISUAL positions, and the M learnable context-token embeddings are written over its CONTEXT positions.
+The layout the attention sees is built from the same unit table, so its grid is the projected grid.
+
+With `gaze.enabled: false` the model is the dense baseline with an identical architecture: the LLM's own
+attention and no context tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gazelit.attention import (
+    BACKEND_NAME,
+    CONTEXT,
+    VISUAL,
+    GazeContext,
+    GazeLayout,
+    RoutingRecord,
+    parse_top_k,
+    use_gaze,
+)
+from gazelit.batch import check_batch
+from gazelit.models.config import ModelConfig
+from gazelit.models.llm import build_llm, decoder_layer_class
+from gazelit.models.projectors import Projector, build_projector
+from gazelit.models.vision import VisionEncoder, build_vision_encoder
+from gazelit.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+CONFIG_FILE = "gazelit_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class RoutingTrace:
+    """Regions selected for every generated token: (T, layers, heads, k) tensors, -1 where none.
+
+    `region` are region indices of the sample's layout; `unit[...]` the (last) unit holding the region and
+    `tile[...]` its tile index within that unit's grid (row-major over ceil(rows/r_h) x ceil(cols/r_w)).
+    """
+
+    region: torch.Tensor
+    score: torch.Tensor
+    unit: torch.Tensor
+    tile: torch.Tensor
+    unit_grids: list[tuple[int, int]]
+    region_shape: tuple[int, int, int]
+    tokens: list[str] = field(default_factory=list)
+
+    def tile_box(self, unit: int, tile: int) -> tuple[float, float, float, float]:
+        """Normalised (x0, y0, x1, y1) of a tile on its unit's grid."""
+        rows, cols = self.unit_grids[unit]
+        rh, rw, _ = self.region_shape
+        per_row = math.ceil(cols / rw)
+        r, c = divmod(tile, per_row)
+        return c * rw / cols, r * rh / rows, min((c + 1) * rw, cols) / cols, min((r + 1) * rh, rows) / rows
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    trace: RoutingTrace | None
+
+
+class GazeVLM(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        vision: VisionEncoder,
+        projector: Projector,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        self.config = config.validate()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        hidden = llm.get_input_embeddings().embedding_dim
+        m = config.num_context
+        std = getattr(llm.config, "initializer_range", 0.02)
+        self.context_tokens = nn.Parameter(torch.randn(m, hidden) * std)
+        self.top_k = parse_top_k(config.gaze.top_k)  # the schedule callback lowers it during training
+        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the LLM's embedding table only "
+                f"{llm.get_input_embeddings().num_embeddings}"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> GazeVLM:
+        config.validate()
+        v = config.vision
+        vision = build_vision_encoder(
+            v.family, pretrained=v.pretrained, config=v.config, feature_layer=v.feature_layer,
+            trainable=v.trainable, options=v.options,
+        )
+        attn = BACKEND_NAME if config.gaze.enabled else config.llm.options.get("attn_implementation", "sdpa")
+        llm_options = {k: val for k, val in config.llm.options.items() if k != "attn_implementation"}
+        llm = build_llm(
+            pretrained=config.llm.pretrained, config=config.llm.config, attn_implementation=attn,
+            dtype=config.llm.dtype, options=llm_options,
+        )
+        hidden = llm.get_input_embeddings().embedding_dim
+        projector = build_projector(config.projector.kind, vision.hidden_size, hidden)
+        if tokenizer is None:
+            tokenizer = cls._load_tokenizer(config)
+        return cls(config, vision, projector, llm, tokenizer)
+
+    @staticmethod
+    def _load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+        t = config.tokenizer
+        if t.pretrained or config.llm.pretrained:
+            return load_tokenizer(t.pretrained or config.llm.pretrained,
+                                  trust_remote_code=config.llm.options.get("trust_remote_code", False))
+        if t.tiny_corpus:
+            text = Path(t.tiny_corpus).read_text(encoding="utf-8").splitlines()
+            return build_tiny_tokenizer(text, vocab_size=t.vocab_size)
+        raise ValueError("model.tokenizer: a config-built LLM needs `tokenizer.pretrained` or `tokenizer.tiny_corpus`")
+
+    # ------------------------------------------------------------------ shapes the data pipeline needs
+    @property
+    def gaze_enabled(self) -> bool:
+        return self.config.gaze.enabled
+
+    @property
+    def num_context(self) -> int:
+        return self.context_tokens.shape[0]
+
+    def projected_grid(self, encoder_grid: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Visual tokens per unit on the LLM side: encoder grid -> projector -> pooling."""
+        rows, cols = self.projector.output_grid(encoder_grid or self.vision.token_grid())
+        s = self.config.visual_pool
+        return math.ceil(rows / s), math.ceil(cols / s)
+
+    @property
+    def visual_grid(self) -> tuple[int, int]:
+        return self.projected_grid()
+
+    def image_transform(self):
+        return self.vision.preprocessor()
+
+    def block_classes(self) -> tuple[type[nn.Module], type[nn.Module]]:
+        """(vision block, LLM decoder layer): units of FSDP sharding and activation checkpointing."""
+        return self.vision.block_class, decoder_layer_class(self.llm)
+
+    # ------------------------------------------------------------------ forward
+    def encode_units(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, rows*cols, D_llm) visual tokens on the projected (and pooled) grid."""
+        features = self.vision(pixel_values)
+        grid = self.vision.token_grid(pixel_values.shape[-1])
+        tokens = self.projector(features.to(self._projector_dtype()), grid)
+        s = self.config.visual_pool
+        if s > 1:
+            rows, cols = self.projector.output_grid(grid)
+            x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, rows, cols)
+            x = F.avg_pool2d(x, kernel_size=s, stride=s, ceil_mode=True)
+            tokens = x.flatten(2).transpose(1, 2)
+        return tokens
+
+    def _projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, batch: dict) -> tuple[torch.Tensor, GazeLayout]:
+        """Input embeddings with visual and context tokens spliced in, and the layout that describes them."""
+        check_batch(batch)
+        if batch["num_context"] != self.num_context:
+            raise ValueError(
+                f"the batch has {batch['num_context']} context tokens per unit but the model makes {self.num_context}"
+            )
+        kinds = batch["token_kind"]
+        layout = GazeLayout.from_token_kinds(
+            kinds, batch["unit_sample"], batch["unit_start"], batch["unit_grid"], self.num_context,
+            self.config.region_shape(), batch["unit_video"], batch["unit_time"],
+        )
+        embeds = self.llm.get_input_embeddings()(batch["input_ids"])
+        b, length, hidden = embeds.shape
+        n = batch["pixel_values"].shape[0]
+        if n:
+            tokens = self.encode_units(batch["pixel_values"])  # (N, rows*cols, D)
+            grid = self.visual_grid
+            grids = batch["unit_grid"].tolist()
+            if any(tuple(g) != grid for g in grids):
+                bad = next(i for i, g in enumerate(grids) if tuple(g) != grid)
+                raise ValueError(
+                    f"unit {bad} has grid {tuple(grids[bad])} in the batch but the model produces {grid} "
+                    f"visual tokens per unit (encoder {self.vision.token_grid()}, projector "
+                    f"{self.config.projector.kind}, pool {self.config.visual_pool})"
+                )
+            per_unit = grid[0] * grid[1]
+            offsets = torch.arange(per_unit, device=embeds.device)
+            base = batch["unit_sample"].to(embeds.device) * length + batch["unit_start"].to(embeds.device)
+            visual_rows = (base[:, None] + offsets[None]).reshape(-1)
+            rows = [visual_rows]
+            values = [tokens.reshape(-1, hidden).to(embeds.dtype)]
+            if self.num_context:
+                ctx_rows = base[:, None] + per_unit + torch.arange(self.num_context, device=embeds.device)[None]
+                rows.append(ctx_rows.reshape(-1))
+                values.append(self.context_tokens.to(embeds.dtype).repeat(n, 1))
+            flat = embeds.reshape(b * length, hidden).index_copy(0, torch.cat(rows), torch.cat(values))
+            embeds = flat.view(b, length, hidden)
+            expected = (kinds == VISUAL).sum().item(), (kinds == CONTEXT).sum().item()
+            if expected != (n * per_unit, n * self.num_context):
+                raise ValueError(
+                    f"token_kind marks {expected[0]} visual / {expected[1]} context positions but {n} units "
+                    f"give {n * per_unit} / {n * self.num_context}"
+                )
+        elif bool(((kinds == VISUAL) | (kinds == CONTEXT)).any()):
+            raise ValueError("token_kind marks visual or context positions but the batch has no pixel_values")
+        elif self.vision.trainable and self.training:
+            # keep every trainable parameter in the graph (DDP / FSDP) for a batch without images
+            embeds = embeds + 0.0 * self.encode_units(self._blank_image(embeds)).sum()
+        return embeds, layout
+
+    def _blank_image(self, like: torch.Tensor) -> torch.Tensor:
+        size = self.vision.image_size
+        return torch.zeros(1, 3, size, size, device=like.device, dtype=next(self.vision.parameters()).dtype)
+
+    def context(self, layout: GazeLayout, top_k: Any = "model", **kwargs) -> GazeContext:
+        g = self.config.gaze
+        k = self.top_k if top_k == "model" else parse_top_k(top_k)
+        return GazeContext(layout, top_k=k, shared_gqa=g.shared_gqa, impl=g.impl, chunk=g.chunk, **kwargs)
+
+    def forward(self, batch: dict, top_k: Any = "model", collect_stats: bool = False):
+        """Causal-LM output (loss on `labels`, logits). With `collect_stats` also the GazeContext, whose
+        `attended_visual_fraction()` is the mean selected / available visual tokens per routed query."""
+        embeds, layout = self.embed(batch)
+        kwargs = dict(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"),
+                      use_cache=False)
+        if not self.gaze_enabled:
+            out = self.llm(**kwargs)
+            return (out, None) if collect_stats else out
+        ctx = self.context(layout, top_k, collect_stats=collect_stats)
+        with use_gaze(ctx):
+            out = self.llm(**kwargs)
+        return (out, ctx) if collect_stats else out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_from_batch(
+        self,
+        batch: dict,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: Any = "model",
+        trace: bool = True,
+        cache_implementation: str = "static",
+    ) -> list[GenerationOutput]:
+        """Generate for a left-padded prompt batch (no labels needed) with the cached decode path.
+
+        Returns per sample the text, the new token ids and (with `trace`) the regions every head of every
+        layer selected for each generated token.
+        """
+        embeds, layout = self.embed(batch)
+        gen = dict(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+            do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            cache_implementation=cache_implementation,
+        )
+        if do_sample:
+            gen.update(temperature=temperature, top_p=top_p, top_k=0)
+        if not self.gaze_enabled:
+            ids = self.llm.generate(**gen)
+            return [self._output(ids[i], None) for i in range(ids.shape[0])]
+        ctx = self.context(layout, top_k, record_routing=trace)
+        with use_gaze(ctx):
+            ids = self.llm.generate(**gen)
+        outputs = []
+        for i in range(ids.shape[0]):
+            tr = self._trace(ctx.routing, layout, i, ids[i]) if trace else None
+            outputs.append(self._output(ids[i], tr))
+        return outputs
+
+    def _output(self, ids: torch.Tensor, trace: RoutingTrace | None) -> GenerationOutput:
+        ids = ids.tolist()
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            ids = ids[: ids.index(eos) + 1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if trace is not None:
+            steps = min(len(ids), trace.region.shape[0])
+            trace.region, trace.score = trace.region[:steps], trace.score[:steps]
+            trace.unit, trace.tile = trace.unit[:steps], trace.tile[:steps]
+            trace.tokens = [self.tokenizer.decode([t]) for t in ids[:steps]]
+        return GenerationOutput(text=text, token_ids=ids, trace=trace)
+
+    def _trace(self, records: list[RoutingRecord], layout: GazeLayout, sample: int, ids) -> RoutingTrace:
+        layers = self.llm.config.num_hidden_layers
+        steps = len(records) // layers
+        region = torch.stack([r.indices[sample] for r in records[: steps * layers]]).cpu()
+        score = torch.stack([r.scores[sample] for r in records[: steps * layers]]).float().cpu()
+        region = region.view(steps, layers, *region.shape[1:])
+        score = score.view(steps, layers, *score.shape[1:])
+        info = layout.samples[sample]
+        region_unit = torch.tensor(info.region_unit + [-1], dtype=torch.long)
+        starts, start = [], 0  # a unit group's regions are contiguous: tile = region - first region
+        for r, u in enumerate(info.region_unit):
+            if r and info.region_unit[r - 1] != u:
+                start = r
+            starts.append(start)
+        group_start = torch.tensor(starts + [0], dtype=torch.long)
+        safe = region.clamp(min=0)
+        unit = torch.where(region >= 0, region_unit[safe], -1)
+        tile = torch.where(region >= 0, safe - group_start[safe], -1)
+        shape = self.config.region_shape()
+        return RoutingTrace(
+            region=region, score=score, unit=unit, tile=tile,
+            unit_grids=[u.grid for u in info.units], region_shape=(shape.h, shape.w, shape.t),
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write gazelit_config.json (with the backbones' configs), model.safetensors and the tokenizer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        # rebuild from the configs actually in use (random init, then these weights): no downloads on load
+        vision_config = self.vision.model.config.to_dict()
+        config["vision"].update(pretrained=None, config=_config_fields(vision_config), feature_layer=-1)
+        config["llm"].update(pretrained=None, config=_config_fields(self.llm.config.to_dict()))
+        config["tokenizer"].update(pretrained=None, tiny_corpus=None)
+        config["llm"]["dtype"] = str(next(self.llm.parameters()).dtype).replace("torch.", "")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(_untie(state), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps({"model": config, "top_k": _k_str(self.top_k)}, indent=2))
+        self.tokenizer.save_pretrained(str(directory))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GazeVLM:
+        directory = Path(directory)
+        saved = json.loads((directory / CONFIG_FILE).read_text())
+        config = ModelConfig.from_dict(saved["model"])
+        config.tokenizer.pretrained = str(directory)
+        model = cls.build(config)
+        state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(_tied_names(model))
+        missing = [m for m in missing if m not in tied]
+        if missing or unexpected:
+            raise ValueError(f"{directory}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.top_k = parse_top_k(saved.get("top_k", config.gaze.top_k))
+        return model
+
+
+def _config_fields(config: dict) -> dict:
+    """A backbone config dict reduced to fields a config mapping accepts."""
+    drop = {"transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype", "_attn_implementation_autoset",
+            "_commit_hash", "output_attentions", "output_hidden_states", "use_cache", "return_dict"}
+    return {k: v for k, v in config.items() if k not in drop and not k.startswith("_")}
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory: keep the first name of each shared storage."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def _tied_names(model: nn.Module) -> list[str]:
+    """State-dict names that alias another entry (tied embeddings)."""
+    seen, tied = set(), []
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            tied.append(name)
+        seen.add(key)
+    return tied
+
+
+def _k_str(k: int | None) -> Any:
+    return "all" if k is None else k
