@@ -1,0 +1,164 @@
+"""GazeVLMModule: the LightningModule that trains a GazeVLM (stages, optimiser, metrics, logs).
+
+Stages (Cambrian recipe): `align` trains the projector and the context tokens; `finetune` also trains the
+LLM. The vision encoder trains only where the recipe sets `model.vision.trainable`. The loss covers the
+supervised (assistant) tokens only: the data marks everything else -100.
+
+Logged: train/loss, gaze/top_k (k, or the batch's largest region count for "all"), gaze/attended_fraction
+(selected / available visual tokens per routed text query), perf/tokens_per_s and perf/samples_per_s,
+data/skipped/<reason> (cumulative, from the loader); val/loss and val/token_acc through torchmetrics.
+Learning rates per named parameter group come from Lightning's LearningRateMonitor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from gazelit.models.config import ModelConfig
+from gazelit.models.gaze_vlm import GazeVLM
+from gazelit.optim import OptimConfig, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+STAGES = ("align", "finetune")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"  # align | finetune
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> TrainConfig:
+        if self.stage not in STAGES:
+            raise ValueError(f"train.stage must be one of {STAGES}, got {self.stage!r}")
+        self.optim.validate()
+        return self
+
+
+def _as(kind, value):
+    if isinstance(value, kind):
+        return value
+    if kind is TrainConfig:
+        value = dict(value)
+        value["optim"] = OptimConfig(**value.get("optim", {}))
+        return TrainConfig(**value)
+    return kind.from_dict(value)
+
+
+class GazeVLMModule(L.LightningModule):
+    def __init__(
+        self,
+        model_config: ModelConfig | dict,
+        train_config: TrainConfig | dict | None = None,
+        model: GazeVLM | None = None,
+    ):
+        super().__init__()
+        model_config = _as(ModelConfig, model_config).validate()
+        train_config = _as(TrainConfig, train_config or TrainConfig()).validate()
+        # plain dicts in the checkpoint: load_from_checkpoint rebuilds the model from them
+        self.save_hyperparameters(
+            {"model_config": model_config.to_dict(), "train_config": dataclasses.asdict(train_config)}
+        )
+        self.model_config = model_config
+        self.train_config = train_config
+        self.model = model if model is not None else GazeVLM.build(model_config)
+        apply_stage(self.model, train_config.stage)
+        vocab = self.model.llm.get_output_embeddings().out_features
+        self.val_loss = MeanMetric()
+        self.val_token_acc = MulticlassAccuracy(num_classes=vocab, ignore_index=-100, average="micro")
+        self._skipped: Counter = Counter()
+        self._last_step_end: float | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def on_fit_start(self) -> None:
+        counts = trainable_parameter_counts(self.model)
+        for name, (trainable, total) in counts.items():
+            log.info("%-10s %12d trainable of %12d parameters", name, trainable, total)
+        if self.logger is not None:
+            self.logger.log_hyperparams({f"params/{n}_trainable": t for n, (t, _) in counts.items()})
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.train_config.optim)
+        # max_steps, not estimated_stepping_batches: the latter builds the train loader before its state
+        # is restored on resume (Lightning #20550) and the stream would silently restart.
+        total = self.trainer.max_steps
+        scheduler = build_scheduler(optimizer, total, self.train_config.optim)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out, ctx = self.model(batch, collect_stats=True)
+        b = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
+        self.log("gaze/top_k", float(self._k_value(ctx)), batch_size=b)
+        if ctx is not None and (frac := ctx.attended_visual_fraction()) is not None:
+            self.log("gaze/attended_fraction", frac, batch_size=b)
+        self._log_skips(batch.get("skipped"), b)
+        self._tokens, self._samples = int(batch["attention_mask"].sum()), b
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            elapsed = max(now - self._last_step_end, 1e-9)
+            self.log("perf/tokens_per_s", self._tokens / elapsed, batch_size=self._samples)
+            self.log("perf/samples_per_s", self._samples / elapsed, batch_size=self._samples)
+        self._last_step_end = now
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.model(batch)
+        logits = out.logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        supervised = int((labels != -100).sum())
+        if supervised:
+            self.val_loss.update(out.loss, weight=supervised)
+            self.val_token_acc.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/token_acc", self.val_token_acc, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+
+    def _k_value(self, ctx) -> float:
+        k = self.model.top_k
+        if k is not None:
+            return k
+        return float(ctx.layout.region_count.max()) if ctx is not None else float("nan")
+
+    def _log_skips(self, skipped: dict | None, batch_size: int) -> None:
+        if skipped:
+            self._skipped.update(skipped)
+        for reason, count in self._skipped.items():
+            self.log(f"data/skipped/{reason}", float(count), batch_size=batch_size)
+
+    # ------------------------------------------------------------------ schedule state (k)
+    def set_top_k(self, k: int | None) -> None:
+        self.model.top_k = k
+
+
+def apply_stage(model: GazeVLM, stage: str) -> None:
+    """requires_grad per component for a stage; the vision tower follows its own `trainable` flag."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    model.projector.requires_grad_(True)
+    model.context_tokens.requires_grad_(model.context_tokens.numel() > 0)
+    model.llm.requires_grad_(stage == "finetune")
+    model.vision.set_trainable(model.config.vision.trainable)
+
+
+def trainable_parameter_counts(model: GazeVLM) -> dict[str, tuple[int, int]]:
+    parts: dict[str, Any] = {
+        "vision": model.vision, "projector": model.projector, "llm": model.llm, "context": [model.context_tokens]
+    }
+    counts = {}
+    for name, part in parts.items():
+        params = list(part.parameters()) if hasattr(part, "parameters") else part
+        counts[name] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    return counts
