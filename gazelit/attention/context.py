@@ -11,7 +11,7 @@ sequence or brings new units. One context serves one batch of sequences (its lay
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -43,6 +43,9 @@ class GazeContext:
     chunk: int = 128
     record_routing: bool = False
     collect_stats: bool = False
+    # called after every gaze attention call with layer, query, key, value, layout, q_offset, scale,
+    # top_k (analysis: dense attention maps, gaze-head scores); must not modify its arguments
+    probe: Callable[..., None] | None = None
     seen: dict[int, int] = field(default_factory=dict)
     query_window: tuple[int, int] | None = None  # (cache offset, length) of this forward's queries
     decode_states: dict[int, DecodeState] = field(default_factory=dict)

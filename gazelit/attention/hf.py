@@ -96,6 +96,7 @@ def gaze_attention(
         )
         if ctx.record_routing:
             ctx.routing.append(RoutingRecord(layer, valid - 1, sel[:, :, -1], scores[:, :, -1]))
+        _probe(ctx, layer, query, key, value, q0, scaling)
         return out, None
 
     ctx.decode_states.pop(layer, None)  # new units may have arrived; rebuild at the next decode step
@@ -115,7 +116,14 @@ def gaze_attention(
         with torch.no_grad():
             idx, sc = reference_routing(query[:, :, -1:], key, layout, ctx.top_k, valid - 1, ctx.shared_gqa)
         ctx.routing.append(RoutingRecord(layer, valid - 1, idx[:, :, 0], sc[:, :, 0]))
+    _probe(ctx, layer, query, key, value, q0, scaling)
     return out, None
+
+
+def _probe(ctx: GazeContext, layer, query, key, value, q0, scale) -> None:
+    if ctx.probe is not None:
+        ctx.probe(layer=layer, query=query, key=key, value=value, layout=ctx.layout, q_offset=q0, scale=scale,
+                  top_k=ctx.top_k)
 
 
 def register(name: str = NAME) -> str:

@@ -1,0 +1,55 @@
+"""Streaming data for gazelit: Cambrian-style JSONL -> WebDataset shards -> GazeVLM batches.
+
+Modules:
+  config       DataConfig / SourceConfig: typed settings of the pipeline
+  datamodule   GazeDataModule: the LightningDataModule (train/val/test loaders, resumable state)
+  loader       ResumableLoader: known epoch length, rank-independent state_dict/load_state_dict
+  stream       GazeStream: per-rank IterableDataset of collated batches (fixed-length or single-pass)
+  shards       shard order per (rank, worker) slot, shuffling windows, cheap fast-forward, mixing
+  samples      SampleProcessor: one shard sample -> tokens + pixels, or a counted skip
+  chat         ChatEncoder: chat template, <image> expansion into visual/context units, labels
+  collate      Collator: padded batch per gazelit.batch
+  frame_sampling / media   which video frames to take; decoding images, videos (decord), gifs
+  records / paths          reading LLaVA/Cambrian records; media paths confined to the media root
+  convert      the shard converter behind `gazelit convert`
+  manifest     manifest.json of a shard directory
+  skips        skip reasons, per-batch counts, the max-skip-fraction guard
+  transforms   ResizeNormalize, a picklable image transform for tests and the demo
+  demo_data    generated localized-VQA demo data (images and videos), converted to shards
+
+Names below are imported lazily so that `gazelit convert` does not pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DataConfig": "datamodules.config",
+    "SourceConfig": "datamodules.config",
+    "GazeDataModule": "datamodules.datamodule",
+    "ResumableLoader": "datamodules.loader",
+    "GazeStream": "datamodules.stream",
+    "StreamOptions": "datamodules.stream",
+    "ShardSource": "datamodules.shards",
+    "SampleProcessor": "datamodules.samples",
+    "ChatEncoder": "datamodules.chat",
+    "Collator": "datamodules.collate",
+    "Manifest": "datamodules.manifest",
+    "convert": "datamodules.convert",
+    "add_convert_arguments": "datamodules.convert",
+    "run_convert": "datamodules.convert",
+    "generate_demo_data": "datamodules.demo_data",
+    "ResizeNormalize": "datamodules.transforms",
+    "SkipFractionExceeded": "datamodules.skips",
+    "skip_metrics": "datamodules.skips",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,307 @@
+"""Generated demo data: a small localized VQA task, written as JSONL + media and converted to shards.
+
+Images: a `grid` x `grid` board of `image_size` pixels with a few coloured shapes in random cells (each
+colour at most once per image). Every question is about one object and needs looking at the right place:
+  colour_at  "What colour is the shape in row 2, column 3?"  -> "red"
+  shape_of   "What shape is the blue object?"                -> "circle"
+  locate     "Where is the green triangle?"                  -> "row 1, column 4"
+Videos: `video_frames` frames at 1 fps, one object per frame (each colour+shape once per video):
+  video_when    "In which frame does the red square appear?" -> "frame 3"
+  video_colour  "What colour is the shape in frame 2?"       -> "yellow"
+Every record carries "task", "answer" and "target_box" ([x0, y0, x1, y1] in 0..1, the queried object's
+box; videos add "target_frame"), so routing hit rate and accuracy can be measured. The splits are
+converted with the same converter as real data, so the demo exercises exactly the real code path.
+
+    python -m datamodules.demo_data --out DIR [--train 2000 --val 200 --test 200 --video-fraction 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from datamodules.convert import convert
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 40),
+    "purple": (150, 60, 190),
+}
+SHAPES = ("square", "circle", "triangle")
+BACKGROUND = (235, 235, 235)
+IMAGE_TASKS = ("colour_at", "shape_of", "locate")
+VIDEO_TASKS = ("video_when", "video_colour")
+VIDEO_FORMATS = ("mp4", "gif", "frames")
+SYSTEM_PROMPT = "You are a helpful assistant."
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DemoObject:
+    shape: str
+    colour: str
+    row: int  # 0-based, row 0 at the top
+    col: int
+
+
+@dataclass
+class DemoData:
+    """Where a generated demo data set lives."""
+
+    root: Path
+    shards: dict[str, Path] = field(default_factory=dict)  # split -> shard directory (with manifest.json)
+    jsonl: dict[str, Path] = field(default_factory=dict)  # split -> raw JSONL
+    media_root: Path | None = None
+    corpus: list[str] = field(default_factory=list)  # every prompt and answer, for build_tiny_tokenizer
+    corpus_path: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+def object_box(obj: DemoObject, grid: int) -> list[float]:
+    """Normalised [x0, y0, x1, y1] of the drawn shape (its cell shrunk by the drawing margin)."""
+    margin = 0.15 / grid
+    x0, y0, x1, y1 = obj.col / grid, obj.row / grid, (obj.col + 1) / grid, (obj.row + 1) / grid
+    return [round(x0 + margin, 4), round(y0 + margin, 4), round(x1 - margin, 4), round(y1 - margin, 4)]
+
+
+def draw_board(objects: list[DemoObject], image_size: int, grid: int) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        x0, y0, x1, y1 = (v * image_size for v in object_box(obj, grid))
+        colour = COLOURS[obj.colour]
+        if obj.shape == "square":
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=colour)
+        elif obj.shape == "circle":
+            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=colour)
+    return image
+
+
+def cell_name(obj: DemoObject) -> str:
+    return f"row {obj.row + 1}, column {obj.col + 1}"
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def image_sample(rng: np.random.Generator, grid: int, max_objects: int) -> tuple[list[DemoObject], dict]:
+    """Objects on one board and a question about one of them."""
+    count = int(rng.integers(2, max_objects + 1))
+    cells = rng.choice(grid * grid, size=count, replace=False)
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    objects = [
+        DemoObject(SHAPES[int(rng.integers(len(SHAPES)))], str(colour), int(cell) // grid, int(cell) % grid)
+        for cell, colour in zip(cells, colours)
+    ]
+    target = objects[int(rng.integers(count))]
+    task = IMAGE_TASKS[int(rng.integers(len(IMAGE_TASKS)))]
+    where = cell_name(target)
+    if task == "colour_at":
+        question, answer = f"What colour is the shape in {where}?", target.colour
+    elif task == "shape_of":
+        question, answer = f"What shape is the {target.colour} object?", target.shape
+    else:
+        question, answer = f"Where is the {target.colour} {target.shape}?", where
+    return objects, {"task": task, "question": question, "answer": answer, "target": target}
+
+
+def video_sample(rng: np.random.Generator, grid: int, frames: int) -> tuple[list[DemoObject], dict]:
+    """One object per frame (each colour+shape pair once) and a question about one frame's object."""
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+    chosen = rng.choice(len(pairs), size=frames, replace=False)
+    cells = rng.integers(grid * grid, size=frames)
+    objects = [DemoObject(*pairs[int(p)], int(cell) // grid, int(cell) % grid) for p, cell in zip(chosen, cells)]
+    target_frame = int(rng.integers(frames))
+    target = objects[target_frame]
+    task = VIDEO_TASKS[int(rng.integers(len(VIDEO_TASKS)))]
+    if task == "video_when":
+        question = f"In which frame does the {target.colour} {target.shape} appear?"
+        answer = f"frame {target_frame + 1}"
+    else:
+        question, answer = f"What colour is the shape in frame {target_frame + 1}?", target.colour
+    return objects, {"task": task, "question": question, "answer": answer, "target": target, "frame": target_frame}
+
+
+# ---------------------------------------------------------------------------------------------- media
+def encode_mp4(frames: list[np.ndarray], fps: int = 1) -> bytes:
+    """H x W x 3 uint8 frames -> mp4 bytes (MPEG-4 part 2, yuv420p), deterministic. Needs PyAV (`av`)."""
+    try:
+        import av
+    except ImportError as exc:
+        raise RuntimeError("writing mp4 needs PyAV: `pip install av` (or use --video-format gif/frames)") from exc
+    height, width = frames[0].shape[:2]
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def encode_gif(frames: list[Image.Image], seconds_per_frame: float = 1.0) -> bytes:
+    buffer = io.BytesIO()
+    frames[0].save(
+        buffer, format="GIF", save_all=True, append_images=frames[1:], duration=int(seconds_per_frame * 1000), loop=0
+    )
+    return buffer.getvalue()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_video(frames: list[Image.Image], fmt: str, media_root: Path, stem: str) -> str:
+    """Write frames as an mp4, a gif or a folder of PNG frames (1 fps); returns the relative path."""
+    if fmt == "mp4":
+        relative = f"{stem}.mp4"
+        data = encode_mp4([np.asarray(f) for f in frames], fps=1)
+    elif fmt == "gif":
+        relative = f"{stem}.gif"
+        data = encode_gif(frames)
+    elif fmt == "frames":
+        folder = media_root / stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, frame in enumerate(frames):
+            (folder / f"{index:04d}.png").write_bytes(png_bytes(frame))
+        return stem
+    else:
+        raise ValueError(f"unknown video format {fmt!r}; choose from {VIDEO_FORMATS}")
+    path = media_root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return relative
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def write_split(
+    split: str,
+    count: int,
+    media_root: Path,
+    jsonl: Path,
+    seed: int,
+    video_fraction: float = 0.2,
+    image_size: int = 64,
+    grid: int = 4,
+    max_objects: int = 4,
+    video_frames: int = 6,
+    video_format: str = "mp4",
+) -> list[str]:
+    """Write `count` records of one split (JSONL + media); returns the split's prompts and answers.
+
+    video_format "mixed" cycles mp4, gif and frame folders over the video samples."""
+    rng = np.random.default_rng([seed, SPLITS.index(split) if split in SPLITS else len(split)])
+    texts: list[str] = []
+    with jsonl.open("w") as out:
+        for index in range(count):
+            is_video = rng.random() < video_fraction
+            record: dict = {"id": f"{split}-{index:06d}", "source": "demo-video" if is_video else "demo-vqa"}
+            if is_video:
+                objects, qa = video_sample(rng, grid, video_frames)
+                frames = [draw_board([obj], image_size, grid) for obj in objects]
+                fmt = VIDEO_FORMATS[index % 3] if video_format == "mixed" else video_format
+                record["video"] = write_video(frames, fmt, media_root, f"videos/{split}/{index:06d}")
+                record["target_frame"] = qa["frame"]
+            else:
+                objects, qa = image_sample(rng, grid, max_objects)
+                relative = f"images/{split}/{index:06d}.png"
+                (media_root / relative).parent.mkdir(parents=True, exist_ok=True)
+                (media_root / relative).write_bytes(png_bytes(draw_board(objects, image_size, grid)))
+                record["image"] = relative
+            record.update(
+                task=qa["task"],
+                answer=qa["answer"],
+                target_box=object_box(qa["target"], grid),
+                conversations=[
+                    {"from": "human", "value": f"<image>\n{qa['question']}"},
+                    {"from": "gpt", "value": qa["answer"]},
+                ],
+            )
+            out.write(json.dumps(record) + "\n")
+            texts += [qa["question"], qa["answer"]]
+    return texts
+
+
+def generate_demo_data(
+    out: str | Path,
+    train: int = 2000,
+    val: int = 200,
+    test: int = 200,
+    video_fraction: float = 0.2,
+    image_size: int = 64,
+    grid: int = 4,
+    max_objects: int = 4,
+    video_frames: int = 6,
+    video_format: str = "mp4",
+    seed: int = 0,
+    shard_size: int = 500,
+    workers: int = 1,
+    progress: bool = False,
+) -> DemoData:
+    """Write raw splits under `out/raw`, shards under `out/shards/<split>` and `out/corpus.txt`."""
+    if max_objects > len(COLOURS) or video_frames > len(COLOURS) * len(SHAPES):
+        raise ValueError("too many objects for the distinct colours/shapes the questions rely on")
+    root = Path(out)
+    media_root = root / "raw" / "media"
+    media_root.mkdir(parents=True, exist_ok=True)
+    data = DemoData(root=root, media_root=media_root, corpus=[SYSTEM_PROMPT])
+    for split, count in zip(SPLITS, (train, val, test)):
+        if count <= 0:
+            continue
+        jsonl = root / "raw" / f"{split}.jsonl"
+        data.corpus += write_split(
+            split, count, media_root, jsonl, seed, video_fraction, image_size, grid, max_objects, video_frames,
+            video_format,
+        )  # fmt: skip
+        shards = root / "shards" / split
+        convert(jsonl, media_root, shards, shard_size=shard_size, workers=workers, overwrite=True, progress=progress)
+        data.jsonl[split], data.shards[split] = jsonl, shards
+    data.corpus_path = root / "corpus.txt"
+    data.corpus_path.write_text("\n".join(data.corpus) + "\n")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datamodules.demo_data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--video-fraction", type=float, default=0.2)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--grid", type=int, default=4)
+    parser.add_argument("--max-objects", type=int, default=4)
+    parser.add_argument("--video-frames", type=int, default=6)
+    parser.add_argument("--video-format", choices=[*VIDEO_FORMATS, "mixed"], default="mp4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    data = generate_demo_data(
+        args.out, args.train, args.val, args.test, args.video_fraction, args.image_size, args.grid,
+        args.max_objects, args.video_frames, args.video_format, args.seed, args.shard_size, args.workers,
+        progress=True,
+    )  # fmt: skip
+    for split, path in data.shards.items():
+        print(f"{split}: shards in {path}")
+    print(f"corpus ({len(data.corpus)} lines): {data.corpus_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

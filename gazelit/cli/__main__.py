@@ -1,0 +1,5 @@
+import sys
+
+from gazelit.cli import main
+
+sys.exit(main())
