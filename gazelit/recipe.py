@@ -1,0 +1,248 @@
+"""Recipes: YAML files validated against typed dataclasses before anything is built.
+
+    recipe = load_recipe("recipes/cambrian4b_finetune.yaml", ["train.optim.lr_llm=1e-5", "model.gaze.top_k=4"])
+
+* A recipe may `extends:` one or more base recipes (paths relative to the file); later files and then the
+  command-line `key=value` overrides win. `${...}` interpolation (omegaconf) works across all of them.
+* Every key and value is checked against the `Recipe` schema: a typo or a wrong type raises RecipeError
+  naming the key, the file it came from and the closest valid key, before any model is built.
+* `resolved_yaml(recipe)` is the fully resolved recipe, written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from datamodules.config import DataConfig
+from gazelit.lit_module import TrainConfig
+from gazelit.models.config import ModelConfig
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "auto"  # auto | single | ddp | fsdp2 (ModelParallelStrategy) | fsdp (FSDP1, GPU only)
+    activation_checkpointing: bool = False  # per decoder layer and vision block
+    param_dtype: str | None = None  # fsdp2 mixed precision, e.g. bfloat16 (reductions stay float32)
+    reshard_after_forward: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the Lightning strategy
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"  # an int, a list, or "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_steps: int = 1000
+    val_check_interval: int | None = None  # optimiser steps between validations (None: end of epoch)
+    limit_val_batches: Any = 1.0
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+@dataclass
+class KScheduleConfig:
+    """Progressive k: dense (every region) until `start_step`, then down to model.gaze.top_k over
+    `span_steps` optimiser steps; never increasing. span_steps 0: the target k from `start_step` on."""
+
+    start_step: int = 0
+    span_steps: int = 0
+    shape: str = "linear"  # linear | cosine | step
+    steps: int = 4  # plateaus of the step shape
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500
+    keep_last: int = 3
+    export_final: bool = True  # also write a GazeVLM.save_pretrained directory at the end of fit
+
+
+@dataclass
+class LoggingConfig:
+    routing_image_every_n_steps: int = 100  # 0: never
+    tensorboard: bool = True
+
+
+@dataclass
+class DemoDataConfig:
+    """Generate the demo data set (datamodules.demo_data) into `out` when it is not there yet."""
+
+    out: str = "data/demo"
+    train: int = 2000
+    val: int = 200
+    test: int = 200
+    image_size: int = 64
+    grid: int = 4
+    max_objects: int = 4
+    video_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    root: str = "runs"  # the run directory is root/name
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    demo: DemoDataConfig | None = None
+    resume: str | None = None  # "auto" (newest checkpoint of the run) or a checkpoint path
+    init_from: str | None = None  # weights only (e.g. stage 2 from stage 1): a checkpoint or model dir
+    seed: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+class RecipeError(ValueError):
+    """A recipe that does not match the schema, with the key, the file and the closest valid key."""
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge (extends, overrides), validate and resolve a recipe."""
+    layers = [(str(p), cfg) for p, cfg in _read_with_bases(Path(path))]
+    if overrides:
+        layers.append(("command line", _dotlist(overrides)))
+    schema = OmegaConf.structured(Recipe)
+    for source, cfg in layers:  # validate each layer alone first: errors then name their file
+        try:
+            OmegaConf.merge(schema, cfg)
+        except OmegaConfBaseException as e:
+            if not _is_interpolation_error(e):
+                raise _recipe_error(e, source) from None
+    try:
+        merged = OmegaConf.merge(schema, *[cfg for _, cfg in layers])
+        recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _recipe_error(e, str(path)) from None
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Checks across sections that types alone cannot express."""
+    try:
+        recipe.model.validate()
+        recipe.train.validate()
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    if recipe.trainer.max_steps <= 0:
+        raise RecipeError("trainer.max_steps must be > 0 (the lr and k schedules are defined in steps)")
+    if recipe.schedule.shape not in ("linear", "cosine", "step"):
+        raise RecipeError(f"schedule.shape must be linear, cosine or step, got {recipe.schedule.shape!r}")
+    if recipe.schedule.span_steps < 0 or recipe.schedule.start_step < 0:
+        raise RecipeError("schedule.start_step and schedule.span_steps must be >= 0")
+    names = ("auto", "single", "ddp", "fsdp2", "fsdp")
+    if recipe.trainer.strategy.name not in names:
+        raise RecipeError(f"trainer.strategy.name must be one of {names}, got {recipe.trainer.strategy.name!r}")
+    if recipe.checkpoint.keep_last < 1:
+        raise RecipeError("checkpoint.keep_last must be >= 1")
+    return recipe
+
+
+def resolved_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def flat_hparams(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as flat `section.key` -> scalar pairs (TensorBoard hparams)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (list, tuple)):
+            out[prefix] = str(list(value))
+        else:
+            out[prefix] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+    walk("", to_dict(recipe))
+    return {k: ("None" if v is None else v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------- internals
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: `extends` forms a cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping at the top level")
+    bases = cfg.pop("extends", None)
+    layers: list[tuple[Path, DictConfig]] = []
+    for base in [bases] if isinstance(bases, str) else list(bases or []):
+        layers += _read_with_bases(path.parent / str(base), (*seen, path))
+    layers.append((path, cfg))
+    return layers
+
+
+def _dotlist(overrides) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RecipeError(f"overrides must be key=value, got {bad}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"command-line overrides: {e}") from None
+
+
+def _is_interpolation_error(e: OmegaConfBaseException) -> bool:
+    return "Interpolation" in type(e).__name__
+
+
+def _recipe_error(e: OmegaConfBaseException, source: str) -> RecipeError:
+    key = getattr(e, "full_key", None) or "?"
+    message = str(e).splitlines()[0]
+    hint = _closest_key(key) if isinstance(e, ConfigKeyError) and "Did you mean" not in message else None
+    suffix = f"; closest valid key: {hint}" if hint else ""
+    return RecipeError(f"{source}: key {key!r}: {message}{suffix}")
+
+
+def _closest_key(full_key: str) -> str | None:
+    """The valid key nearest to a mistyped one, searching the schema at the mistyped key's parent."""
+    parts = full_key.split(".")
+    node: Any = Recipe
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return None
+        default = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
+        node = type(default) if dataclasses.is_dataclass(default) else None
+        if node is None:
+            return None
+    if not dataclasses.is_dataclass(node):
+        return None
+    names = [f.name for f in dataclasses.fields(node)]
+    match = difflib.get_close_matches(parts[-1], names, n=1)
+    return ".".join([*parts[:-1], match[0]]) if match else None
