@@ -118,6 +118,30 @@ class ChatEncoder:
             i = bisect.bisect_right(span_starts, char) - 1
             return i >= 0 and char < spans[i][1]
 
+        ids, labels, kinds, unit_starts = self._tokenize(text, units_per_media, supervised)
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SkipSample(ALL_MASKED, "no assistant token to supervise")
+        if len(ids) > self.max_length:
+            units_end = unit_starts[-1] + self.unit_length if unit_starts else 0
+            if units_end > self.max_length:
+                raise SkipSample(OVER_LENGTH, f"{len(unit_starts)} units end at {units_end} > max_length "
+                                              f"{self.max_length}")
+            ids, labels, kinds = ids[: self.max_length], labels[: self.max_length], kinds[: self.max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise SkipSample(ALL_MASKED, f"no supervised token left after truncation to {self.max_length}")
+        return TokenizedConversation(ids, labels, kinds, unit_starts)
+
+    def encode_prompt(self, turns: list[tuple[str, str]], units_per_media: list[int]) -> TokenizedConversation:
+        """Tokens of a conversation ending with the assistant generation prompt (inference; no labels).
+
+        Identical to `encode` of the same conversation up to its first assistant token."""
+        messages = self.messages(turns, len(units_per_media))
+        text = self._render(messages, add_generation_prompt=True)
+        ids, labels, kinds, unit_starts = self._tokenize(text, units_per_media, lambda char: False)
+        return TokenizedConversation(ids, labels, kinds, unit_starts)
+
+    def _tokenize(self, text: str, units_per_media: list[int], supervised) -> tuple[list, list, list, list]:
+        """Tokenize the text between placeholders; each unit becomes grid VISUAL + M CONTEXT positions."""
         ids: list[int] = []
         labels: list[int] = []
         kinds: list[int] = []
@@ -140,18 +164,7 @@ class ChatEncoder:
                     ids.extend([pad] * self.unit_length)
                     kinds.extend([VISUAL] * grid_tokens + [CONTEXT] * self.num_context)
                     labels.extend([IGNORE_INDEX] * self.unit_length)
-
-        if all(label == IGNORE_INDEX for label in labels):
-            raise SkipSample(ALL_MASKED, "no assistant token to supervise")
-        if len(ids) > self.max_length:
-            units_end = unit_starts[-1] + self.unit_length if unit_starts else 0
-            if units_end > self.max_length:
-                raise SkipSample(OVER_LENGTH, f"{len(unit_starts)} units end at {units_end} > max_length "
-                                              f"{self.max_length}")
-            ids, labels, kinds = ids[: self.max_length], labels[: self.max_length], kinds[: self.max_length]
-            if all(label == IGNORE_INDEX for label in labels):
-                raise SkipSample(ALL_MASKED, f"no supervised token left after truncation to {self.max_length}")
-        return TokenizedConversation(ids, labels, kinds, unit_starts)
+        return ids, labels, kinds, unit_starts
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(

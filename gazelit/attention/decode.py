@@ -5,9 +5,10 @@ Per layer, a `DecodeState` is built once, at the first decode step after the vis
   - a compact copy of the non-visual cached keys/values (text and context tokens, a few per unit).
 Each step then
   1. scores the new queries against the descriptors (B, Hq, n, R), takes the top-k available regions;
-  2. gathers the K/V rows of the selected regions' tokens only (per query head, or per KV head when the
-     selection is shared by the group);
-  3. attends over [compact non-visual keys | keys generated since the state was built | selected keys].
+  2. gathers, once per KV head, the K/V rows of the union of the regions its query heads selected (with
+     a shared selection that is exactly k regions); each query head is masked to its own regions;
+  3. attends over [compact non-visual keys | keys generated since the state was built | gathered keys],
+     every product a (G*n x N) matmul per KV head.
 No score against the full cache is formed. Equal to the reference given the same selection.
 """
 
@@ -18,7 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from gazelit.attention.layout import PAD, VISUAL, GazeLayout
-from gazelit.attention.routing import region_descriptors, region_scores, routing_dtype, select_regions
+from gazelit.attention.routing import (
+    region_descriptors,
+    region_scores,
+    routing_dtype,
+    select_regions,
+    selection_table,
+)
 
 
 @dataclass
@@ -109,50 +116,41 @@ def decode_attention(
         sel = routing
         sel_scores = scores.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf"))
 
-    # 2. gather the selected regions' token rows: per KV head when shared, else per query head
-    tokens = layout.region_tokens  # (B, R, T)
+    # 2. gather, once per KV head, the token rows of the union of regions its query heads selected
+    r = max(layout.num_regions, 1)
+    chosen = selection_table(sel, r).view(b, hkv, g, n, r)  # which head / query picked which region
+    union = chosen.any(3).any(2)  # (B, Hkv, R)
+    u = int(union.sum(-1).max()) if union.numel() else 0
+    union_idx = union.to(torch.int8).topk(u, dim=-1, sorted=False).indices  # (B, Hkv, U), members first
+    union_ok = union.gather(-1, union_idx)
+    tokens = layout.region_tokens  # (B, R, T), -1 padded
     t = tokens.shape[-1]
-    heads = hkv if shared else hq
-    sel_h = sel.view(b, hkv, g, n, -1)[:, :, 0] if shared else sel  # (B, heads, n, kk)
-    kk = sel_h.shape[-1]
-    pos = tokens[torch.arange(b, device=q.device)[:, None, None, None], sel_h.clamp(min=0)]  # (B,heads,n,kk,T)
-    pos = pos.masked_fill((sel_h < 0)[..., None], -1).reshape(b, heads, n, kk * t)
-    kv_head = torch.arange(heads, device=q.device) // (1 if shared else g)
-    k_sel = gather_rows(k, kv_head, pos.clamp(min=0))  # (B, heads, n, N, D)
-    v_sel = gather_rows(v, kv_head, pos.clamp(min=0))
-    sel_valid = pos >= 0
+    pos = tokens[torch.arange(b, device=q.device)[:, None, None], union_idx]  # (B, Hkv, U, T)
+    pos = pos.masked_fill(~union_ok[..., None], -1).reshape(b, hkv, u * t)
+    kv_heads = torch.arange(hkv, device=q.device)
+    k_sel = gather_rows(k, kv_heads, pos.clamp(min=0))  # (B, Hkv, U*T, D)
+    v_sel = gather_rows(v, kv_heads, pos.clamp(min=0))
+    picked = chosen.gather(-1, union_idx[:, :, None, None, :].expand(b, hkv, g, n, u))  # (B, Hkv, G, n, U)
+    sel_ok = picked[..., None].expand(b, hkv, g, n, u, t).reshape(b, hkv, g, n, u * t)
+    sel_ok = sel_ok & (pos >= 0)[:, :, None, None, :]
 
-    # 3. attend: compact non-visual keys, keys since the state was built (causal), selected keys
+    # 3. attend over: compact non-visual keys | keys since the state was built (causal) | gathered keys
     recent_k, recent_v = k[:, :, state.built_at : end], v[:, :, state.built_at : end]
-    a_k = torch.cat([state.nonvisual_k, recent_k], 2)  # (B, Hkv, Na + Nr, D)
-    a_v = torch.cat([state.nonvisual_v, recent_v], 2)
     recent_pos = torch.arange(state.built_at, end, device=q.device)
-    a_valid = torch.cat(
-        [
-            state.nonvisual_valid[:, None, :].expand(b, n, -1),
-            (recent_pos[None, :] <= qpos[:, None])[None].expand(b, n, -1),
-        ],
-        -1,
-    )  # (B, n, Na + Nr)
     qg = q.reshape(b, hkv, g * n, d)
-    s_a = (qg @ a_k.transpose(-1, -2)).view(b, hkv, g, n, -1) * scale
-    s_a = s_a.masked_fill(~a_valid[:, None, None], float("-inf"))
-    if shared:
-        s_b = torch.einsum("bhgnd,bhnsd->bhgns", q.view(b, hkv, g, n, d), k_sel) * scale
-        s_b = s_b.masked_fill(~sel_valid[:, :, None], float("-inf"))
-    else:
-        s_b = torch.einsum("bhnd,bhnsd->bhns", q, k_sel).view(b, hkv, g, n, -1) * scale
-        s_b = s_b.masked_fill(~sel_valid.view(b, hkv, g, n, -1), float("-inf"))
-    probs = torch.cat([s_a, s_b], -1).to(routing_dtype(q.dtype)).softmax(-1).to(q.dtype)
-    na = s_a.shape[-1]
-    out = (probs[..., :na].reshape(b, hkv, g * n, -1) @ a_v).view(b, hkv, g, n, d)
-    if shared:
-        out = out + torch.einsum("bhgns,bhnsd->bhgnd", probs[..., na:], v_sel)
-    else:
-        out = out + torch.einsum("bhns,bhnsd->bhnd", probs[..., na:].reshape(b, hq, n, -1), v_sel).view(
-            b, hkv, g, n, d
-        )
-    out = out.reshape(b, hq, n, d).transpose(1, 2)
+    parts = [
+        (state.nonvisual_k, state.nonvisual_v, state.nonvisual_valid[:, None, None, None, :]),
+        (recent_k, recent_v, (recent_pos[None, :] <= qpos[:, None])[None, None, None]),
+        (k_sel, v_sel, sel_ok),
+    ]
+    logits = [
+        ((qg @ kk.transpose(-1, -2)) * scale).view(b, hkv, g, n, -1).masked_fill(~ok, float("-inf"))
+        for kk, _, ok in parts
+    ]
+    sizes = [x.shape[-1] for x in logits]
+    probs = torch.cat(logits, -1).to(routing_dtype(q.dtype)).softmax(-1).to(q.dtype).split(sizes, -1)
+    out = sum(p.reshape(b, hkv, g * n, -1) @ vv for p, (_, vv, _) in zip(probs, parts))
+    out = out.view(b, hq, n, d).transpose(1, 2)
     return out, sel, sel_scores
 
 

@@ -238,16 +238,17 @@ class GazeVLM(nn.Module):
         k = self.top_k if top_k == "model" else parse_top_k(top_k)
         return GazeContext(layout, top_k=k, shared_gqa=g.shared_gqa, impl=g.impl, chunk=g.chunk, **kwargs)
 
-    def forward(self, batch: dict, top_k: Any = "model", collect_stats: bool = False):
+    def forward(self, batch: dict, top_k: Any = "model", collect_stats: bool = False, probe=None):
         """Causal-LM output (loss on `labels`, logits). With `collect_stats` also the GazeContext, whose
-        `attended_visual_fraction()` is the mean selected / available visual tokens per routed query."""
+        `attended_visual_fraction()` is the mean selected / available visual tokens per routed query.
+        `probe` is called after every attention layer (see GazeContext.probe)."""
         embeds, layout = self.embed(batch)
         kwargs = dict(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"),
                       use_cache=False)
         if not self.gaze_enabled:
             out = self.llm(**kwargs)
             return (out, None) if collect_stats else out
-        ctx = self.context(layout, top_k, collect_stats=collect_stats)
+        ctx = self.context(layout, top_k, collect_stats=collect_stats, probe=probe)
         with use_gaze(ctx):
             out = self.llm(**kwargs)
         return (out, ctx) if collect_stats else out
@@ -264,6 +265,7 @@ class GazeVLM(nn.Module):
         top_k: Any = "model",
         trace: bool = True,
         cache_implementation: str = "static",
+        probe=None,
     ) -> list[GenerationOutput]:
         """Generate for a left-padded prompt batch (no labels needed) with the cached decode path.
 
@@ -281,7 +283,7 @@ class GazeVLM(nn.Module):
         if not self.gaze_enabled:
             ids = self.llm.generate(**gen)
             return [self._output(ids[i], None) for i in range(ids.shape[0])]
-        ctx = self.context(layout, top_k, record_routing=trace)
+        ctx = self.context(layout, top_k, record_routing=trace, probe=probe)
         with use_gaze(ctx):
             ids = self.llm.generate(**gen)
         outputs = []
@@ -354,7 +356,7 @@ class GazeVLM(nn.Module):
         model = cls.build(config)
         state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(_tied_names(model))
+        tied = set(tied_parameter_names(model))
         missing = [m for m in missing if m not in tied]
         if missing or unexpected:
             raise ValueError(f"{directory}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -381,7 +383,7 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tied_names(model: nn.Module) -> list[str]:
+def tied_parameter_names(model: nn.Module) -> list[str]:
     """State-dict names that alias another entry (tied embeddings)."""
     seen, tied = set(), []
     for name, tensor in model.state_dict().items():

@@ -1,0 +1,47 @@
+"""Dense attention maps from the probe hook equal the attention weights of the equivalent dense model."""
+
+import pytest
+import torch
+
+from gazelit.analysis.probes import GenerationMapProbe, RowMapProbe, require_gaze
+from gazelit.attention import VISUAL, use_gaze
+
+from ..models.vlm_batches import make_batch
+from .tiny_models import tiny_vlm
+
+
+def test_row_maps_equal_eager_attention_weights_of_the_dense_twin():
+    gaze = tiny_vlm(top_k="all", m=0)  # k = all and no context tokens: exactly dense attention
+    dense = tiny_vlm(enabled=False, m=0)
+    dense.load_state_dict(gaze.state_dict())
+    dense.llm.set_attn_implementation("eager")
+    batch = make_batch(gaze, [[("text", 3), ("image",), ("text", 5)], [("text", 2), ("video", 2), ("text", 3)]],
+                       padding="left")
+    rows = [[30, 33, 36], [20, 34, 36]]  # a visual query row and text rows; sample 0 is left-padded by 13
+    probe = RowMapProbe(rows)
+    with torch.no_grad():
+        embeds, layout = gaze.embed(batch)
+        with use_gaze(gaze.context(layout, top_k="all", probe=probe)):
+            gaze.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
+        embeds, _ = dense.embed(batch)
+        weights = dense.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True,
+                            use_cache=False).attentions
+    for layer, w in enumerate(weights):
+        for b in range(2):
+            visual = (batch["token_kind"][b] == VISUAL).nonzero().flatten()
+            expected = w[b][:, rows[b]][:, :, visual]
+            assert probe.maps[layer][b].shape == expected.shape
+            assert torch.allclose(probe.maps[layer][b], expected, atol=1e-6)
+
+
+def test_generation_maps_follow_the_trace_and_dense_models_are_refused():
+    model = tiny_vlm(top_k=1)
+    batch = make_batch(model, [[("text", 3), ("image",), ("text", 2)]], padding="left")
+    probe = GenerationMapProbe(num_layers=2)
+    out = model.generate_from_batch(batch, max_new_tokens=5, probe=probe)[0]
+    maps = probe.maps()
+    assert maps.shape[0] >= len(out.trace.tokens) and maps.shape[1:] == (2, 4, 16)
+    total = maps.sum(-1)
+    assert ((total > 0) & (total <= 1 + 1e-6)).all()  # probability mass on the visual tokens
+    with pytest.raises(ValueError, match="gaze-enabled"):
+        require_gaze(tiny_vlm(enabled=False))

@@ -1,0 +1,63 @@
+"""Tiny random-init GazeVLMs, images and recipes for the eval / viewer / analysis / CLI tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from gazelit.models.config import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
+from gazelit.models.gaze_vlm import GazeVLM
+from gazelit.models.tiny import TINY_LLM, TINY_VISION
+from gazelit.tokenizer import build_tiny_tokenizer
+
+CORPUS = [
+    "You are a helpful assistant.",
+    "What colour is the circle? Is there a red square? Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly. Options: A. red B. blue",
+    "Describe the panels from left to right. red circle, then blue square, then green triangle.",
+    "yes no red green blue yellow purple circle square triangle",
+] * 3
+TOKENIZER = build_tiny_tokenizer(CORPUS, vocab_size=400)
+
+
+def model_config(top_k=2, m=2, region=(2, 2), enabled=True, llm="qwen3", vision="siglip2",
+                 projector="mlp2x_gelu", pool=1) -> ModelConfig:
+    return ModelConfig(
+        vision=VisionSpec(vision, config=copy.deepcopy(TINY_VISION[vision])),
+        projector=ProjectorSpec(projector),
+        llm=LLMSpec(config=copy.deepcopy(TINY_LLM[llm])),
+        gaze=GazeSpec(enabled=enabled, top_k=top_k, region=list(region), num_context=m),
+        visual_pool=pool,
+    )
+
+
+def tiny_vlm(seed: int = 0, tokenizer=TOKENIZER, **kwargs) -> GazeVLM:
+    """A 4x4-grid (32 px, 8 px patches) VLM with a 2-layer, 4-head / 2-KV-head LLM, in eval mode."""
+    torch.manual_seed(seed)
+    return GazeVLM.build(model_config(**kwargs), tokenizer=tokenizer).eval()
+
+
+def picture(colour=(220, 40, 40), size=(64, 48), shape="circle") -> Image.Image:
+    image = Image.new("RGB", size, (240, 240, 240))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    box = [w * 0.2, h * 0.2, w * 0.7, h * 0.8]
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
+    return image
+
+
+def write_recipe(folder: Path, **kwargs) -> Path:
+    """A recipe YAML (JSON is YAML) whose model section builds `model_config(**kwargs)`, with a tiny
+    tokenizer trained from a corpus file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n")
+    model = model_config(**kwargs).to_dict()
+    model["tokenizer"] = {"tiny_corpus": str(corpus), "vocab_size": 400}
+    path = folder / "recipe.yaml"
+    path.write_text(json.dumps({"model": model, "data": {"max_frames": 4}}, indent=1))
+    return path

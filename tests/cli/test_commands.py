@@ -1,0 +1,40 @@
+"""The inference-side commands are registered and fail with clear messages."""
+
+import pytest
+
+from gazelit.cli import COMMANDS, build_parser, main
+from gazelit.cli.loading import load_model
+
+from datamodules.inference import Prompt, PromptEncoder, load_image
+
+from ..analysis.tiny_models import picture, tiny_vlm
+
+
+def test_commands_are_registered():
+    for name in ("cost", "eval", "generate", "analyze"):
+        assert f"gazelit.cli.{name}_cmd" in COMMANDS
+    parser = build_parser()
+    args = parser.parse_args(["eval", "m", "--bench", "gqa", "--data", "d.jsonl", "--top-k", "all"])
+    assert args.top_k == "all" and args.func.__module__ == "gazelit.cli.eval_cmd"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "m", "--bench", "nope", "--data", "d.jsonl"])
+
+
+def test_generate_prints_the_answer_for_dense_and_gaze_models(tmp_path, capsys):
+    picture().save(tmp_path / "p.png")
+    tiny_vlm(enabled=False).save_pretrained(tmp_path / "dense")
+    main(["generate", str(tmp_path / "dense"), "--image", str(tmp_path / "p.png"), "--prompt", "Colour?",
+          "--max-new-tokens", "3"])
+    model = load_model(tmp_path / "dense")
+    batch = PromptEncoder.from_model(model).batch([Prompt("Colour?", images=[load_image(tmp_path / "p.png")])])
+    expected = model.generate_from_batch(batch, max_new_tokens=3)[0].text
+    assert capsys.readouterr().out == expected + "\n"
+    with pytest.raises(ValueError, match="gaze-enabled"):  # the viewer needs the gaze backend's probe hook
+        main(["generate", str(tmp_path / "dense"), "--image", str(tmp_path / "p.png"), "--prompt", "Colour?",
+              "--max-new-tokens", "2", "--trace", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="--tensorboard needs --trace"):
+        main(["generate", str(tmp_path / "dense"), "--prompt", "hi", "--tensorboard", str(tmp_path / "tb")])
+    tiny_vlm().save_pretrained(tmp_path / "gaze")
+    main(["generate", str(tmp_path / "gaze"), "--prompt", "No picture at all", "--max-new-tokens", "2",
+          "--trace", str(tmp_path / "text"), "--sample", "--temperature", "0.7"])
+    assert (tmp_path / "text" / "index.html").is_file()  # a text-only trace still renders
