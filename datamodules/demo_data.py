@@ -92,8 +92,10 @@ def cell_name(obj: DemoObject) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-def image_sample(rng: np.random.Generator, grid: int, max_objects: int) -> tuple[list[DemoObject], dict]:
-    """Objects on one board and a question about one of them."""
+def image_sample(
+    rng: np.random.Generator, grid: int, max_objects: int, questions: int = 1
+) -> tuple[list[DemoObject], list[dict]]:
+    """Objects on one board and `questions` questions, each about one of them (distinct while they last)."""
     count = int(rng.integers(2, max_objects + 1))
     cells = rng.choice(grid * grid, size=count, replace=False)
     colours = rng.choice(list(COLOURS), size=count, replace=False)
@@ -101,7 +103,11 @@ def image_sample(rng: np.random.Generator, grid: int, max_objects: int) -> tuple
         DemoObject(SHAPES[int(rng.integers(len(SHAPES)))], str(colour), int(cell) // grid, int(cell) % grid)
         for cell, colour in zip(cells, colours)
     ]
-    target = objects[int(rng.integers(count))]
+    order = [int(i) for i in rng.permutation(count)]
+    return objects, [image_question(rng, objects[order[i % count]]) for i in range(questions)]
+
+
+def image_question(rng: np.random.Generator, target: DemoObject) -> dict:
     task = IMAGE_TASKS[int(rng.integers(len(IMAGE_TASKS)))]
     where = cell_name(target)
     if task == "colour_at":
@@ -110,7 +116,7 @@ def image_sample(rng: np.random.Generator, grid: int, max_objects: int) -> tuple
         question, answer = f"What shape is the {target.colour} object?", target.shape
     else:
         question, answer = f"Where is the {target.colour} {target.shape}?", where
-    return objects, {"task": task, "question": question, "answer": answer, "target": target}
+    return {"task": task, "question": question, "answer": answer, "target": target}
 
 
 def video_sample(rng: np.random.Generator, grid: int, frames: int) -> tuple[list[DemoObject], dict]:
@@ -200,10 +206,12 @@ def write_split(
     max_objects: int = 4,
     video_frames: int = 6,
     video_format: str = "mp4",
+    questions: int = 1,
 ) -> list[str]:
     """Write `count` records of one split (JSONL + media); returns the split's prompts and answers.
 
-    video_format "mixed" cycles mp4, gif and frame folders over the video samples."""
+    Image records hold `questions` question/answer turns (more supervision per image); "task", "answer" and
+    "target_box" describe the first. video_format "mixed" cycles mp4, gif and frame folders over videos."""
     rng = np.random.default_rng([seed, SPLITS.index(split) if split in SPLITS else len(split)])
     texts: list[str] = []
     with jsonl.open("w") as out:
@@ -212,12 +220,14 @@ def write_split(
             record: dict = {"id": f"{split}-{index:06d}", "source": "demo-video" if is_video else "demo-vqa"}
             if is_video:
                 objects, qa = video_sample(rng, grid, video_frames)
+                turns = [qa]
                 frames = [draw_board([obj], image_size, grid) for obj in objects]
                 fmt = VIDEO_FORMATS[index % 3] if video_format == "mixed" else video_format
                 record["video"] = write_video(frames, fmt, media_root, f"videos/{split}/{index:06d}")
                 record["target_frame"] = qa["frame"]
             else:
-                objects, qa = image_sample(rng, grid, max_objects)
+                objects, turns = image_sample(rng, grid, max_objects, questions)
+                qa = turns[0]
                 relative = f"images/{split}/{index:06d}.png"
                 (media_root / relative).parent.mkdir(parents=True, exist_ok=True)
                 (media_root / relative).write_bytes(png_bytes(draw_board(objects, image_size, grid)))
@@ -227,12 +237,16 @@ def write_split(
                 answer=qa["answer"],
                 target_box=object_box(qa["target"], grid),
                 conversations=[
-                    {"from": "human", "value": f"<image>\n{qa['question']}"},
-                    {"from": "gpt", "value": qa["answer"]},
+                    message
+                    for i, turn in enumerate(turns)
+                    for message in (
+                        {"from": "human", "value": ("<image>\n" if i == 0 else "") + turn["question"]},
+                        {"from": "gpt", "value": turn["answer"]},
+                    )
                 ],
             )
             out.write(json.dumps(record) + "\n")
-            texts += [qa["question"], qa["answer"]]
+            texts += [text for turn in turns for text in (turn["question"], turn["answer"])]
     return texts
 
 
@@ -251,8 +265,12 @@ def generate_demo_data(
     shard_size: int = 500,
     workers: int = 1,
     progress: bool = False,
+    train_questions: int = 1,
 ) -> DemoData:
-    """Write raw splits under `out/raw`, shards under `out/shards/<split>` and `out/corpus.txt`."""
+    """Write raw splits under `out/raw`, shards under `out/shards/<split>` and `out/corpus.txt`.
+
+    Training images carry `train_questions` question turns each; validation and test images one, so
+    their metrics read one answer per image."""
     if max_objects > len(COLOURS) or video_frames > len(COLOURS) * len(SHAPES):
         raise ValueError("too many objects for the distinct colours/shapes the questions rely on")
     root = Path(out)
@@ -265,7 +283,7 @@ def generate_demo_data(
         jsonl = root / "raw" / f"{split}.jsonl"
         data.corpus += write_split(
             split, count, media_root, jsonl, seed, video_fraction, image_size, grid, max_objects, video_frames,
-            video_format,
+            video_format, train_questions if split == "train" else 1,
         )  # fmt: skip
         shards = root / "shards" / split
         convert(jsonl, media_root, shards, shard_size=shard_size, workers=workers, overwrite=True, progress=progress)
@@ -291,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--train-questions", type=int, default=1, help="question turns per training image")
     args = parser.parse_args(argv)
     data = generate_demo_data(
         args.out, args.train, args.val, args.test, args.video_fraction, args.image_size, args.grid,
         args.max_objects, args.video_frames, args.video_format, args.seed, args.shard_size, args.workers,
-        progress=True,
+        progress=True, train_questions=args.train_questions,
     )  # fmt: skip
     for split, path in data.shards.items():
         print(f"{split}: shards in {path}")

@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL, GazeLayout
 from gazelit.attention.routing import (
+    accumulate_visual_stats,
     available_regions,
     region_descriptors,
     region_scores,
@@ -145,6 +146,18 @@ def build_block_mask(
     )
 
 
+def _accumulate_stats(stats: dict, layout: GazeLayout, table, row_of, q_offset: int) -> None:
+    r = table.shape[-1] - 1
+    t = table.shape[2] - 1
+    for b in range(layout.batch_size):
+        rows = (row_of[b] < t).nonzero().flatten()
+        if not rows.numel() or not r:
+            continue
+        sizes = (layout.region_tokens[b] >= 0).sum(-1).to(torch.float32)  # (R,)
+        attended = table[b, :, row_of[b, rows], :r].float() @ sizes  # (Hq, n)
+        accumulate_visual_stats(stats, layout, b, rows + q_offset, attended)
+
+
 def _any_per_block(flags: torch.Tensor, blocks: int) -> torch.Tensor:
     """(B, N) bool -> (B, blocks): any flag inside each BLOCK-long slice (the tail padded with False)."""
     padded = torch.nn.functional.pad(flags, (0, blocks * BLOCK - flags.shape[1]), value=False)
@@ -162,6 +175,7 @@ def flex_gaze_attention(
     shared: bool = False,
     compiled: bool | None = None,
     routing: torch.Tensor | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Exact Gaze Attention through FlexAttention; returns (B, Hq, Lq, D).
 
@@ -169,6 +183,8 @@ def flex_gaze_attention(
     `routing` (B, Hq, Lq, kk) overrides the top-k selection of text rows.
     """
     table, row_of = text_routing(q, k, layout, top_k, q_offset, shared, routing)
+    if stats is not None:
+        _accumulate_stats(stats, layout, table, row_of, q_offset)
     block_mask = build_block_mask(layout, table, row_of, q_offset, q.shape[2], k.shape[2])
     use_compiled = q.is_cuda if compiled is None else compiled
     fn = _flex() if use_compiled else flex_attention

@@ -27,6 +27,7 @@ from gazelit.attention.decode import build_state, decode_attention
 from gazelit.attention.flex import flex_gaze_attention
 from gazelit.attention.layout import TEXT
 from gazelit.attention.reference import reference_attention, reference_routing
+from gazelit.attention.routing import accumulate_visual_stats, selected_tokens
 from gazelit.attention.segmented import segmented_attention
 
 NAME = "gaze"
@@ -96,6 +97,9 @@ def gaze_attention(
         )
         if ctx.record_routing:
             ctx.routing.append(RoutingRecord(layer, valid - 1, sel[:, :, -1], scores[:, :, -1]))
+        if ctx.collect_stats:
+            for b in range(layout.batch_size):
+                accumulate_visual_stats(ctx.stats, layout, b, positions, selected_tokens(layout, b, sel[b]))
         _probe(ctx, layer, query, key, value, q0, scaling)
         return out, None
 
@@ -109,7 +113,9 @@ def gaze_attention(
             query, key, value, layout, ctx.top_k, scaling, q0, ctx.shared_gqa, ctx.chunk, stats=stats
         )
     elif impl == "flex":
-        out = flex_gaze_attention(query, key, value, layout, ctx.top_k, scaling, q0, ctx.shared_gqa).transpose(1, 2)
+        out = flex_gaze_attention(
+            query, key, value, layout, ctx.top_k, scaling, q0, ctx.shared_gqa, stats=stats
+        ).transpose(1, 2)
     else:
         out = reference_attention(query, key, value, layout, ctx.top_k, scaling, q0, ctx.shared_gqa).transpose(1, 2)
     if ctx.record_routing:

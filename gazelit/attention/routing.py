@@ -104,3 +104,35 @@ def available_regions(layout: GazeLayout, positions: torch.Tensor) -> torch.Tens
     """(B, N, R) bool: region r is visible to a query at position p (its units all end before p)."""
     pos = positions if positions.dim() == 2 else positions.unsqueeze(0).expand(layout.batch_size, -1)
     return layout.region_ready.unsqueeze(1) <= pos.unsqueeze(-1)
+
+
+@torch.no_grad()
+def accumulate_visual_stats(
+    stats: dict,
+    layout: GazeLayout,
+    sample: int,
+    positions: torch.Tensor,
+    attended: torch.Tensor | None = None,
+    heads: int = 1,
+) -> None:
+    """Add text queries at `positions` (n,) of one sample to `stats` (attended / available visual tokens).
+
+    `attended` (Hq, n) is the selected tokens per head and query, or None for queries that see every
+    candidate region (k >= their number; `heads` query heads). Queries without a candidate are skipped.
+    """
+    sizes = (layout.region_tokens[sample] >= 0).sum(-1)  # (R,)
+    ready = layout.region_ready[sample]
+    available = ((ready[None, :] <= positions[:, None]) * sizes).sum(-1)  # (n,)
+    counted = available > 0
+    if not bool(counted.any()):
+        return
+    heads = attended.shape[0] if attended is not None else heads
+    got = available[counted].sum() * heads if attended is None else attended[:, counted].sum()
+    stats["attended_visual"] = stats.get("attended_visual", 0) + float(got)
+    stats["available_visual"] = stats.get("available_visual", 0) + float(available[counted].sum() * heads)
+
+
+def selected_tokens(layout: GazeLayout, sample: int, indices: torch.Tensor) -> torch.Tensor:
+    """Visual tokens covered by selected region indices (..., kk) of one sample -> (...)."""
+    sizes = (layout.region_tokens[sample] >= 0).sum(-1)
+    return torch.where(indices >= 0, sizes[indices.clamp(min=0)], 0).sum(-1)

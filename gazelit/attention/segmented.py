@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from gazelit.attention.layout import GazeLayout
+from gazelit.attention.layout import TEXT, GazeLayout
 from gazelit.attention.routing import (
     _visual_positions,
+    accumulate_visual_stats,
     region_descriptors,
     region_scores,
     select_regions,
+    selected_tokens,
     selection_table,
 )
 
@@ -151,7 +153,8 @@ class _SegmentedAttention(torch.autograd.Function):
                     route = _route_piece(qs[0], descriptors[p.sample], layout, p, top_k, k.shape[1], shared)
                 mask = _routed_mask(layout, p, route, q.dtype, q.device)
                 if stats is not None:
-                    _accumulate_stats(stats, layout, p, route)
+                    positions = torch.arange(p.q0, p.q1, device=q.device)
+                    accumulate_visual_stats(stats, layout, p.sample, positions, selected_tokens(layout, p.sample, route))
             o, lse = _FWD(qs, ks, vs, 0.0, p.mode == "causal", attn_mask=mask, scale=scale)
             out_t[p.sample : p.sample + 1, :, p.q0 - q_offset : p.q1 - q_offset] = o
             lses.append(lse)
@@ -197,16 +200,6 @@ class _SegmentedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _accumulate_stats(stats: dict, layout: GazeLayout, p: Piece, route: torch.Tensor) -> None:
-    sizes = (layout.region_tokens[p.sample] >= 0).sum(-1)  # (R,)
-    ready = layout.region_ready[p.sample]
-    pos = torch.arange(p.q0, p.q1, device=route.device)
-    available = ((ready[None, :] <= pos[:, None]) * sizes).sum(-1)  # (rows,)
-    attended = torch.where(route >= 0, sizes[route.clamp(min=0)], 0).sum(-1)  # (Hq, rows)
-    stats["attended_visual"] = stats.get("attended_visual", 0) + attended.sum().item()
-    stats["available_visual"] = stats.get("available_visual", 0) + available.sum().item() * route.shape[0]
-
-
 def segmented_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -228,4 +221,10 @@ def segmented_attention(
     if q.device.type != "cpu":
         raise RuntimeError("segmented_attention runs on CPU; use the flex path on GPU")
     pieces = plan_pieces(layout, q_offset, q.shape[2], k.shape[2], top_k, chunk)
+    if stats is not None:  # text rows that see every candidate region (routed rows count in forward)
+        for p in pieces:
+            if p.mode != "routed":
+                positions = torch.arange(p.q0, p.q1, device=q.device)
+                text = positions[layout.kinds_at(positions)[p.sample] == TEXT]
+                accumulate_visual_stats(stats, layout, p.sample, text, heads=q.shape[1])
     return _SegmentedAttention.apply(q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing)

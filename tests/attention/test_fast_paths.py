@@ -91,14 +91,29 @@ def test_segmented_with_a_query_offset_continues_a_cached_sequence():
     assert ((ref - out) * real).abs().max() < 1e-10
 
 
-def test_segmented_stats_count_attended_visual_tokens():
+def test_attended_visual_statistics_agree_across_paths():
+    """Selected / available visual tokens over text queries with candidate regions: exact counts."""
     case = make(19, (4, 2), False, "right", 2)
-    stats = {}
-    segmented_attention(case.q, case.k, case.v, case.layout, 1, stats=stats, chunk=4)
-    assert 0 < stats["attended_visual"] < stats["available_visual"]
-    stats_all = {}
-    segmented_attention(case.q, case.k, case.v, case.layout, 10_000, stats=stats_all, chunk=4)
-    assert stats_all == {}  # k >= regions: nothing is routed
+    q, k, v, layout = case.q, case.k, case.v, case.layout
+    routing, _ = reference_routing(q, k, layout, 1)
+    sizes = [(layout.region_tokens[b] >= 0).sum(-1) for b in range(layout.batch_size)]
+    attended = available = 0
+    for b in range(layout.batch_size):
+        for p in (layout.kind[b] == 0).nonzero().flatten().tolist():
+            avail = int(sizes[b][layout.region_ready[b] <= p].sum())
+            if avail:
+                available += avail * 4
+                attended += sum(int(sizes[b][r]) for r in routing[b, :, p].flatten().tolist() if r >= 0)
+    seg, flex = {}, {}
+    segmented_attention(q, k, v, layout, 1, stats=seg, chunk=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flex_gaze_attention(q.float(), k.float(), v.float(), layout, 1, stats=flex)
+    assert seg == flex == {"attended_visual": attended, "available_visual": available}
+    assert 0 < attended < available
+    dense = {}
+    segmented_attention(q, k, v, layout, None, stats=dense, chunk=4)
+    assert dense["attended_visual"] == dense["available_visual"] == available
 
 
 @pytest.mark.parametrize("seed,heads,video,padding,m,top_k", CASES[:5])
