@@ -8,6 +8,9 @@ Logged: train/loss, gaze/top_k (k, or the batch's largest region count for "all"
 (selected / available visual tokens per routed text query), perf/tokens_per_s and perf/samples_per_s,
 data/skipped/<reason> (cumulative, from the loader); val/loss and val/token_acc through torchmetrics.
 Learning rates per named parameter group come from Lightning's LearningRateMonitor.
+
+`configure_model` applies `parallel_plan` (gazelit.training.parallel: activation checkpointing per block
+and, under ModelParallelStrategy, FSDP2 sharding); the training entry point sets the plan from the recipe.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class GazeVLMModule(L.LightningModule):
         self.val_token_acc = MulticlassAccuracy(num_classes=vocab, ignore_index=-100, average="micro")
         self._skipped: Counter = Counter()
         self._last_step_end: float | None = None
+        self.parallel_plan = None  # gazelit.training.parallel.ParallelPlan; None: plain module
+        self._parallelism_applied = False
 
     # ------------------------------------------------------------------ set-up
     def on_fit_start(self) -> None:
@@ -86,6 +91,14 @@ class GazeVLMModule(L.LightningModule):
             log.info("%-10s %12d trainable of %12d parameters", name, trainable, total)
         if self.logger is not None:
             self.logger.log_hyperparams({f"params/{n}_trainable": t for n, (t, _) in counts.items()})
+
+    def configure_model(self) -> None:
+        if self._parallelism_applied:  # Lightning calls this hook again for every fit / validate
+            return
+        from gazelit.training.parallel import apply_parallelism
+
+        apply_parallelism(self.model, self.parallel_plan, self.device_mesh)
+        self._parallelism_applied = True
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.train_config.optim)

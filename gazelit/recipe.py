@@ -7,6 +7,8 @@
 * Every key and value is checked against the `Recipe` schema: a typo or a wrong type raises RecipeError
   naming the key, the file it came from and the closest valid key, before any model is built.
 * `resolved_yaml(recipe)` is the fully resolved recipe, written into every run directory.
+* `${gazelit.accumulate:GLOBAL_BATCH,PER_DEVICE,DEVICES,NODES}` is the gradient accumulation that keeps
+  a global batch size whatever the number of nodes (an error if it does not divide).
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from datamodules.config import DataConfig
 from gazelit.lit_module import TrainConfig
 from gazelit.models.config import ModelConfig
+
+
+def grad_accumulation(global_batch, per_device, devices, nodes) -> int:
+    """Accumulation steps so that per_device x devices x nodes x steps == global_batch."""
+    global_batch, per_step = int(global_batch), int(per_device) * int(devices) * int(nodes)
+    if per_step <= 0 or global_batch % per_step:
+        raise ValueError(f"global batch {global_batch} is not a multiple of {per_device} per device x {devices} "
+                         f"devices x {nodes} nodes")  # fmt: skip
+    return global_batch // per_step
+
+
+if not OmegaConf.has_resolver("gazelit.accumulate"):
+    OmegaConf.register_resolver("gazelit.accumulate", grad_accumulation)
 
 
 @dataclass
@@ -47,6 +62,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     deterministic: bool = False
+    torch_threads: int | None = None  # intra-op CPU threads per process (None: torch's default)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
 
@@ -71,6 +87,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     routing_image_every_n_steps: int = 100  # 0: never
+    routing_max_new_tokens: int = 8  # tokens generated (and drawn) for the routing picture
     tensorboard: bool = True
 
 
@@ -87,6 +104,7 @@ class DemoDataConfig:
     max_objects: int = 4
     video_fraction: float = 0.0
     seed: int = 0
+    shard_size: int = 50  # samples per shard: several shards per split, so every rank gets some
 
 
 @dataclass

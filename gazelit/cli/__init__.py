@@ -17,6 +17,9 @@ COMMANDS = [
     "gazelit.cli.eval_cmd",
     "gazelit.cli.generate_cmd",
     "gazelit.cli.analyze_cmd",
+    "gazelit.cli.fit_cmd",
+    "gazelit.cli.validate_cmd",
+    "gazelit.cli.export_cmd",
 ]
 
 

@@ -1,0 +1,16 @@
+"""Lightning callbacks of a gazelit training run."""
+
+from callbacks.checkpointing import AtomicModelCheckpoint, is_complete_checkpoint, latest_checkpoint
+from callbacks.k_schedule import KSchedule, ProgressiveTopK
+from callbacks.routing_image import RoutingImageLogger
+from callbacks.stream_resume import StreamResumeAcrossWorldSizes
+
+__all__ = [
+    "AtomicModelCheckpoint",
+    "KSchedule",
+    "ProgressiveTopK",
+    "RoutingImageLogger",
+    "StreamResumeAcrossWorldSizes",
+    "is_complete_checkpoint",
+    "latest_checkpoint",
+]

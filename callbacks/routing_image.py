@@ -1,0 +1,222 @@
+"""A picture of where the model looks: the regions Gaze Attention selects for one fixed validation sample.
+
+Every `every_n_steps` optimiser steps (and when training ends) the model generates an answer for the
+same validation sample with routing traced, and the callback draws one panel per generated token: the
+sample's image with every region shaded by how many (layer, head) pairs selected it for that token, the
+queried object's box (from the sample's meta) outlined in green. The picture goes to TensorBoard
+(`add_image`) and to `<out_dir>/step=NNNNNN.png`, with a copy at `<out_dir>/latest.png`.
+
+The sample is the first one of the validation stream read as rank 0 of 1, so every rank builds the same
+batch without communicating. Under FSDP2 all ranks must run the same forwards: every rank generates
+(GazeVLMModule.configure_model registers `generate_from_batch` as an FSDP forward method and marks the LLM
+so that transformers keeps the ranks' decode loops in step); rank 0 draws.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PANEL = 128  # pixels per panel side
+MAX_TOKENS = 10
+MAX_UNITS = 4
+
+
+# ---------------------------------------------------------------------------------------------- the sample
+def prompt_of(batch: dict[str, Any], index: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample `index` of a training-format batch cut just before its first supervised token: the prompt
+    (system, first user turn with its media, and the assistant header) as a batch of one, and its meta
+    with the first answer's token ids as "expected"."""
+    labels = batch["labels"][index]
+    supervised = (labels != IGNORE_INDEX).nonzero()
+    if supervised.numel() == 0:
+        raise ValueError(f"sample {index} of the batch has no supervised token to generate")
+    end = int(supervised[0, 0])
+    units = batch["unit_sample"] == index
+    prompt = {
+        "input_ids": batch["input_ids"][index : index + 1, :end],
+        "attention_mask": batch["attention_mask"][index : index + 1, :end],
+        "labels": torch.full((1, end), IGNORE_INDEX, dtype=torch.long),
+        "token_kind": batch["token_kind"][index : index + 1, :end],
+        "pixel_values": batch["pixel_values"][units],
+        "unit_sample": torch.zeros(int(units.sum()), dtype=torch.long),
+        "unit_start": batch["unit_start"][units],
+        "unit_grid": batch["unit_grid"][units],
+        "unit_video": batch["unit_video"][units],
+        "unit_time": batch["unit_time"][units],
+        "num_context": batch["num_context"],
+    }
+    meta = dict(batch["meta"][index]) if batch.get("meta") else {}
+    after = labels[end:]
+    stop = int((after == IGNORE_INDEX).nonzero()[0, 0]) if bool((after == IGNORE_INDEX).any()) else after.numel()
+    meta["expected"] = after[:stop]  # the first answer (a record may hold several turns)
+    return prompt, meta
+
+
+def first_validation_prompt(datamodule: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The prompt of the first validation sample with media, identical on every rank; None without
+    validation data."""
+    from datamodules.datamodule import GazeDataModule
+
+    config = datamodule.config
+    if not config.val_sources:
+        return None
+    reader = GazeDataModule(
+        config, datamodule.tokenizer, datamodule.image_transform, datamodule.visual_grid,
+        datamodule.num_context, rank=0, world_size=1,
+    )  # fmt: skip
+    stream = reader.make_stream(config.val_sources, batch_size=1, shuffle=False, fixed_length=False)
+    for batch in stream:
+        if batch["pixel_values"].shape[0] > 0:
+            return prompt_of(batch)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+def to_rgb(pixels: torch.Tensor, transform: Any = None) -> np.ndarray:
+    """(3, H, W) normalised pixels -> (H, W, 3) uint8, undoing the transform's mean/std when known."""
+    x = pixels.detach().float().cpu().numpy()
+    mean, std = _mean_std(transform)
+    if mean is not None:
+        x = x * std.reshape(3, 1, 1) + mean.reshape(3, 1, 1)
+    else:
+        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def _mean_std(transform: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    processor = getattr(transform, "processor", None)
+    mean = getattr(processor, "image_mean", None) if processor is not None else getattr(transform, "mean", None)
+    std = getattr(processor, "image_std", None) if processor is not None else getattr(transform, "std", None)
+    if mean is None or std is None:
+        return None, None
+    return np.asarray(mean, dtype=np.float32).reshape(-1), np.asarray(std, dtype=np.float32).reshape(-1)
+
+
+def selection_counts(trace: Any) -> dict[tuple[int, int, int], int]:
+    """(token, unit, tile) -> number of (layer, head) pairs that selected that tile for that token."""
+    counts: dict[tuple[int, int, int], int] = {}
+    unit, tile = trace.unit, trace.tile
+    for t in range(unit.shape[0]):
+        valid = unit[t] >= 0
+        pairs = torch.stack([unit[t][valid], tile[t][valid]], dim=1).tolist()
+        for u, g in pairs:
+            counts[(t, u, g)] = counts.get((t, u, g), 0) + 1
+    return counts
+
+
+def draw_routing(
+    images: list[np.ndarray],
+    trace: Any,
+    target_box: list[float] | None = None,
+    title: str | list[str] = "",
+) -> Image.Image:
+    """Rows: the sample's units (images / frames); columns: generated tokens. Each region is shaded red
+    by how many (layer, head) pairs selected it for that token, relative to the token's most selected
+    region (with many heads most regions get picked by some head; the contrast shows the preference).
+    `title`: header lines above the panels."""
+    tokens = min(len(trace.tokens) or trace.unit.shape[0], MAX_TOKENS)
+    rows = min(len(images), MAX_UNITS)
+    counts = selection_counts(trace)
+    most = {t: max((n for (ct, _, _), n in counts.items() if ct == t), default=1) for t in range(tokens)}
+    font = ImageFont.load_default()
+    lines = [title] if isinstance(title, str) else list(title)
+    header, caption = 4 + 12 * len(lines), 14
+    width = max(max(1, tokens) * PANEL, max((6 * len(line) + 4 for line in lines), default=0))
+    canvas = Image.new("RGB", (width, header + rows * (PANEL + caption)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + 12 * i), line, fill=(0, 0, 0), font=font)
+    for t in range(tokens):
+        for u in range(rows):
+            x0, y0 = t * PANEL, header + u * (PANEL + caption)
+            panel = Image.fromarray(images[u]).resize((PANEL, PANEL), Image.Resampling.NEAREST).convert("RGBA")
+            shade = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+            shade_draw = ImageDraw.Draw(shade)
+            for (ct, cu, tile), n in counts.items():
+                if ct == t and cu == u:
+                    box = [v * PANEL for v in trace.tile_box(u, tile)]
+                    shade_draw.rectangle(box, fill=(255, 0, 0, int(200 * n / most[t])))
+            panel = Image.alpha_composite(panel, shade).convert("RGB")
+            if target_box is not None and u == 0:
+                ImageDraw.Draw(panel).rectangle([v * PANEL for v in target_box], outline=(0, 200, 0), width=2)
+            canvas.paste(panel, (x0, y0))
+            label = repr(trace.tokens[t])[1:-1][:20] if t < len(trace.tokens) else str(t)
+            draw.text((x0 + 2, y0 + PANEL + 1), label, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------- callback
+class RoutingImageLogger(L.Callback):
+    """Draws the routing of one fixed validation sample every `every_n_steps` steps and at the end."""
+
+    def __init__(
+        self, every_n_steps: int, out_dir: str | Path, max_new_tokens: int = 8, tag: str = "routing/val_sample"
+    ):
+        self.every_n_steps = every_n_steps
+        self.out_dir = Path(out_dir)
+        self.max_new_tokens = max_new_tokens
+        self.tag = tag
+        self.sample: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self.last_step: int | None = None
+        self.last_path: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.datamodule is not None:
+            self.sample = first_validation_prompt(trainer.datamodule)
+        if self.sample is None:
+            log.warning("no validation sample with media: the routing picture is off")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self.last_step:
+            self.render(trainer, pl_module)
+
+    def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """Generate with routing traced on every rank; rank 0 draws, saves and logs. Returns the PNG path."""
+        self.last_step = trainer.global_step
+        if self.sample is None or not pl_module.model.gaze_enabled:
+            return None
+        prompt, meta = self.sample
+        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in prompt.items()}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            output = pl_module.model.generate_from_batch(batch, max_new_tokens=self.max_new_tokens, trace=True)[0]
+        finally:
+            pl_module.train(was_training)
+        if not trainer.is_global_zero or output.trace is None:
+            return None
+        transform = getattr(trainer.datamodule, "image_transform", None)
+        images = [to_rgb(p, transform) for p in prompt["pixel_values"]]
+        k = pl_module.model.top_k
+        expected = pl_module.model.tokenizer.decode(meta["expected"].tolist(), skip_special_tokens=True)
+        title = [
+            (f"step {trainer.global_step}, k={'all' if k is None else k}: regions selected per generated token "
+             "(redder: chosen by more layer x head pairs; green: the object asked about)"),
+            f"expected {expected!r}, generated {output.text!r}",
+        ]  # fmt: skip
+        picture = draw_routing(images, output.trace, meta.get("target_box"), title)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step={trainer.global_step:06d}.png"
+        picture.save(path)
+        picture.save(self.out_dir / "latest.png")
+        self.last_path = path
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image(self.tag, np.asarray(picture).transpose(2, 0, 1), trainer.global_step)
+        return path

@@ -1,0 +1,190 @@
+"""Weights out of training checkpoints: single-file Lightning checkpoints, sharded folders, model directories.
+
+Three kinds of source are read, always without executing pickled code (torch.load with weights_only=True):
+
+* a Lightning checkpoint file (single device / DDP, or FSDP2 with full state dicts),
+* a sharded torch.distributed.checkpoint (DCP) folder written by ModelParallelStrategy (`.metadata`,
+  `__<rank>_0.distcp` shards, and Lightning's non-tensor state in `meta.pt`),
+* a `GazeVLM.save_pretrained` directory (gazelit_config.json + model.safetensors).
+
+`model_state` returns the GazeVLM weights only (for a DCP folder it loads just the model entries, not the
+optimiser state); `full_checkpoint` consolidates everything with DCP's format utility
+(`dcp_to_torch_save`), for inspection and tests. `load_matching_weights` is `init_from`; `export_checkpoint`
+is `gazelit export`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODULE_PREFIX = "model."  # GazeVLMModule holds the GazeVLM as `self.model`
+MODEL_CONFIG_FILE = "gazelit_config.json"
+DCP_METADATA = ".metadata"
+LIGHTNING_META = "meta.pt"
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / MODEL_CONFIG_FILE).is_file()
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / DCP_METADATA).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """Everything but the tensors of model and optimiser: hyper_parameters, loops, callbacks, ..."""
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        return torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+
+
+def full_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The whole checkpoint as one dict. A DCP folder is consolidated with `dcp_to_torch_save` (model
+    under "state_dict", optimisers under "optimizer_0", ...) and merged with its meta.pt."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "consolidated.pt"
+        dcp_to_torch_save(path, consolidated)
+        tensors = torch.load(consolidated, map_location="cpu", weights_only=True)
+    return {**checkpoint_metadata(path), **tensors}
+
+
+def _sharded_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """Only the model entries of a DCP folder, at full size (DCP reshards them onto the plain tensors)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    prefix = "state_dict."
+    template = {
+        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }  # fmt: skip
+    state = {"state_dict": template}
+    with warnings.catch_warnings():  # no_dist=True is the point here; torch warns about it regardless
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return state["state_dict"]
+
+
+def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """GazeVLM weights (names as in `GazeVLM.state_dict()`) from any of the three kinds of source."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint or model directory at {path}")
+    if is_model_dir(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if is_sharded_checkpoint(path):
+        state = _sharded_model_state(path)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    else:
+        raise ValueError(f"{path} is neither a Lightning checkpoint (file or sharded folder) nor a model directory")
+    return {k[len(MODULE_PREFIX) :]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
+
+
+# ---------------------------------------------------------------------------------------------- init_from
+@dataclass
+class WeightsReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the source: left as built
+    unexpected: list[str] = field(default_factory=list)  # in the source, not in the model: ignored
+
+
+class WeightMismatchError(ValueError):
+    """Parameters present in both the model and the source with different shapes."""
+
+
+def load_matching_weights(model: nn.Module, source: str | Path) -> WeightsReport:
+    """`init_from`: copy every source tensor whose name and shape match the model's. Shape mismatches are
+    an error listing them; names only on one side are reported (logged), not an error."""
+    state = model_state(source)
+    own = model.state_dict()
+    mismatched = [
+        f"{name}: source {tuple(state[name].shape)}, model {tuple(tensor.shape)}"
+        for name, tensor in own.items()
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape)
+    ]
+    if mismatched:
+        listing = "\n  ".join(mismatched)
+        raise WeightMismatchError(f"init_from {source}: {len(mismatched)} tensor(s) differ in shape:\n  {listing}")
+    report = WeightsReport(
+        loaded=[n for n in own if n in state],
+        missing=[n for n in own if n not in state and not _aliases_loaded(model, n, state)],
+        unexpected=[n for n in state if n not in own],
+    )
+    model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
+    log.info("init_from %s: %d tensors loaded", source, len(report.loaded))
+    if report.missing:
+        log.warning("init_from %s: %d tensors not in the source keep their initial values: %s",
+                    source, len(report.missing), report.missing[:10])  # fmt: skip
+    if report.unexpected:
+        log.warning("init_from %s: %d source tensors have no place in the model: %s",
+                    source, len(report.unexpected), report.unexpected[:10])  # fmt: skip
+    return report
+
+
+def _aliases_loaded(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> bool:
+    """True if `name` shares storage with a tensor that is loaded (tied embeddings are saved once)."""
+    own = model.state_dict()
+    ptr = own[name].untyped_storage().data_ptr()
+    return any(other in state and own[other].untyped_storage().data_ptr() == ptr for other in own if other != name)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def trained_top_k(metadata: dict[str, Any]) -> Any:
+    """The k the progressive schedule had reached when the checkpoint was written (None if no schedule)."""
+    for key, state in (metadata.get("callbacks") or {}).items():
+        if str(key).startswith("ProgressiveTopK") and isinstance(state, dict) and "current" in state:
+            return "all" if state["current"] is None else state["current"]
+    return None
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A Lightning checkpoint (file or sharded folder) of GazeVLMModule -> a GazeVLM.save_pretrained
+    directory. The model is rebuilt from the checkpoint's hyper-parameters; its k is the k training had
+    reached (the schedule's), else the configured one."""
+    from gazelit.models.config import ModelConfig
+    from gazelit.models.gaze_vlm import GazeVLM
+
+    metadata = checkpoint_metadata(checkpoint)
+    hparams = metadata.get("hyper_parameters") or {}
+    if "model_config" not in hparams:
+        raise ValueError(
+            f"{checkpoint}: no model_config in the checkpoint's hyper_parameters; not a GazeVLMModule checkpoint?"
+        )
+    model = GazeVLM.build(ModelConfig.from_dict(hparams["model_config"]))
+    state = model_state(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not _aliases_loaded(model, m, state)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    k = trained_top_k(metadata)
+    if k is not None:
+        from gazelit.attention import parse_top_k
+
+        model.top_k = parse_top_k(k)
+    return model.save_pretrained(out_dir)

@@ -1,0 +1,255 @@
+"""`fit(recipe)`: everything `gazelit fit` does, from a validated recipe to a finished run directory.
+
+    run_dir = <run.root>/<run.name>
+      recipe.yaml       the fully resolved recipe
+      checkpoints/      step=000100.ckpt ... (files, or sharded folders under fsdp2), the last K
+      tensorboard/      event files: losses, lr per group, k, attended fraction, throughput, skips,
+                        the recipe as hparams, routing pictures
+      routing/          the routing pictures as PNG (latest.png is the newest)
+      model/            the final model as a GazeVLM.save_pretrained directory (checkpoint.export_final)
+
+A run without `resume` refuses a run directory that already holds checkpoints (they would mix with
+its own); problems of this kind raise RunSetupError before anything is built.
+
+Order of work: demo data (if the recipe has a `demo:` section and it is missing), seed, model (plus
+`init_from` weights unless resuming), datamodule from the model's tokenizer / image transform / grid,
+strategy, callbacks, logger, Trainer, `trainer.fit(ckpt_path=<resume>)`, then the export on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+
+from callbacks.checkpointing import AtomicModelCheckpoint, latest_checkpoint
+from callbacks.k_schedule import ProgressiveTopK
+from callbacks.routing_image import RoutingImageLogger
+from callbacks.stream_resume import StreamResumeAcrossWorldSizes
+from gazelit.recipe import Recipe, flat_hparams, resolved_yaml
+from gazelit.training.parallel import build_strategy
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.yaml"
+
+
+class RunSetupError(ValueError):
+    """The run cannot start as asked (run directory, resume path, strategy for a checkpoint)."""
+
+
+@dataclass
+class RunPaths:
+    root: Path
+    recipe: Path
+    checkpoints: Path
+    tensorboard: Path
+    routing: Path
+    model: Path
+
+    @staticmethod
+    def of(recipe: Recipe) -> RunPaths:
+        root = recipe.run_dir
+        return RunPaths(
+            root, root / RECIPE_FILE, root / "checkpoints", root / "tensorboard", root / "routing", root / "model"
+        )
+
+
+@dataclass
+class FitResult:
+    paths: RunPaths
+    global_step: int
+    resumed_from: Path | None
+    last_checkpoint: Path | None = None
+    routing_picture: Path | None = None
+    exported_model: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    is_global_zero: bool = True
+
+    def summary(self) -> str:
+        p = self.paths
+        lines = [
+            f"run directory:    {p.root}",
+            f"resolved recipe:  {p.recipe}",
+            f"checkpoints:      {p.checkpoints}"
+            + (f" (last: {self.last_checkpoint.name})" if self.last_checkpoint else ""),
+            f"tensorboard logs: {p.tensorboard}   (tensorboard --logdir {p.tensorboard})",
+        ]
+        if self.routing_picture:
+            lines.append(f"routing picture:  {self.routing_picture}")
+        if self.exported_model:
+            lines.append(f"exported model:   {self.exported_model}")
+        if self.resumed_from:
+            lines.append(f"resumed from:     {self.resumed_from}")
+        shown = {k: v for k, v in self.metrics.items() if k in ("train/loss", "val/loss", "val/token_acc")}
+        if shown:
+            lines.append("final metrics:    " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def resolve_resume(recipe: Recipe, paths: RunPaths) -> Path | None:
+    """`resume: auto` -> the newest complete checkpoint of this run (None: start fresh); a path -> itself."""
+    if recipe.resume is None:
+        return None
+    if recipe.resume == "auto":
+        found = latest_checkpoint(paths.checkpoints)
+        if found is None:
+            log.info("resume: auto found no complete checkpoint in %s; starting from scratch", paths.checkpoints)
+        return found
+    path = Path(recipe.resume)
+    if not path.exists():
+        raise RunSetupError(f"resume: {path} does not exist")
+    return path
+
+
+def check_fresh_run_dir(resume: Path | None, paths: RunPaths) -> None:
+    """A run that does not resume must not mix its checkpoints with those of an earlier run."""
+    if resume is None and latest_checkpoint(paths.checkpoints) is not None:
+        raise RunSetupError(
+            f"{paths.checkpoints} already holds checkpoints of an earlier run; continue it with resume=auto, "
+            f"or start a new one with another run.name (or delete the folder)"
+        )
+
+
+def check_resumable(path: Path | None, recipe: Recipe) -> None:
+    """A sharded checkpoint folder can only be restored by ModelParallelStrategy (on any number of ranks)."""
+    from gazelit.training.checkpoints import is_sharded_checkpoint
+
+    if path is not None and is_sharded_checkpoint(path) and recipe.trainer.strategy.name != "fsdp2":
+        raise RunSetupError(
+            f"{path} is a sharded (fsdp2) checkpoint; resume it with trainer.strategy.name=fsdp2 (any number of "
+            f"devices), or export it (`gazelit export`) and start from the weights with init_from"
+        )
+
+
+def build_module(recipe: Recipe, resume: Path | None):
+    """The GazeVLMModule; `init_from` weights are loaded into the full model here (before sharding)."""
+    from gazelit.lit_module import GazeVLMModule
+    from gazelit.models.gaze_vlm import GazeVLM
+    from gazelit.training.checkpoints import load_matching_weights
+
+    model = GazeVLM.build(recipe.model)
+    if recipe.init_from and resume is None:
+        load_matching_weights(model, recipe.init_from)
+    elif recipe.init_from:
+        log.info(
+            "resuming from %s: init_from %s is not applied (the checkpoint holds the weights)", resume, recipe.init_from
+        )
+    return GazeVLMModule(recipe.model, recipe.train, model=model)
+
+
+def build_datamodule(recipe: Recipe, model: Any):
+    from gazelit.training.data import TrainingDataModule
+
+    return TrainingDataModule(
+        recipe.data, model.tokenizer, model.image_transform(), model.visual_grid, model.num_context
+    )
+
+
+def build_callbacks(recipe: Recipe, paths: RunPaths, model: Any) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [
+        AtomicModelCheckpoint(paths.checkpoints, recipe.checkpoint.every_n_steps, recipe.checkpoint.keep_last),
+        StreamResumeAcrossWorldSizes(),
+    ]
+    if recipe.logging.tensorboard:  # LearningRateMonitor needs a logger
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if model.gaze_enabled:
+        callbacks.append(ProgressiveTopK.from_config(recipe.schedule))
+        if recipe.logging.routing_image_every_n_steps > 0:
+            callbacks.append(RoutingImageLogger(recipe.logging.routing_image_every_n_steps, paths.routing,
+                                                recipe.logging.routing_max_new_tokens))  # fmt: skip
+    return callbacks
+
+
+def build_trainer(recipe: Recipe, paths: RunPaths, strategy: Any, callbacks: list[L.Callback]) -> L.Trainer:
+    t = recipe.trainer
+    if t.strategy.name == "fsdp" and t.gradient_clip_val:
+        raise ValueError("trainer.strategy.name=fsdp (FSDP1): Lightning cannot clip gradients by norm; set "
+                         "trainer.gradient_clip_val: null or use fsdp2")  # fmt: skip
+    logger: Any = False
+    if recipe.logging.tensorboard:
+        from gazelit.training.tensorboard import RecipeTensorBoardLogger
+
+        logger = RecipeTensorBoardLogger(str(paths.root), flat_hparams(recipe), name="tensorboard", version="")
+    val_every = t.val_check_interval * t.accumulate_grad_batches if t.val_check_interval else None
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None if val_every else 1,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        deterministic=t.deterministic,
+        use_distributed_sampler=False,  # the datamodule splits the stream between ranks itself
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(paths.root),
+    )
+
+
+def write_recipe(recipe: Recipe, paths: RunPaths) -> None:
+    """The resolved recipe into the run directory (written atomically; rank 0 only)."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = paths.recipe.with_name(f".{paths.recipe.name}.tmp-{os.getpid()}")
+    tmp.write_text(resolved_yaml(recipe))
+    os.replace(tmp, paths.recipe)
+
+
+# ---------------------------------------------------------------------------------------------- fit
+def fit(recipe: Recipe, extra_callbacks: list[L.Callback] | tuple = ()) -> FitResult:
+    """Train as the recipe says; returns where everything went (complete on rank 0)."""
+    paths = RunPaths.of(recipe)
+    resume = resolve_resume(recipe, paths)
+    check_fresh_run_dir(resume, paths)
+    check_resumable(resume, recipe)
+    if recipe.demo is not None:
+        from gazelit.training.demo import ensure_demo_data
+
+        ensure_demo_data(recipe.demo)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every node's first process (file systems may differ)
+        write_recipe(recipe, paths)
+    threads = torch.get_num_threads()
+    if recipe.trainer.torch_threads:
+        torch.set_num_threads(recipe.trainer.torch_threads)
+    try:
+        return _train(recipe, paths, resume, extra_callbacks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, paths: RunPaths, resume: Path | None, extra_callbacks) -> FitResult:
+    """Model, data, strategy, callbacks, Trainer; fit; export on rank 0."""
+    L.seed_everything(recipe.seed, workers=True)  # identical initial weights on every rank (FSDP2 shards them)
+    module = build_module(recipe, resume)
+    model = module.model
+    strategy, module.parallel_plan = build_strategy(recipe.trainer, model.block_classes())
+    datamodule = build_datamodule(recipe, model)
+    callbacks = build_callbacks(recipe, paths, model) + list(extra_callbacks)
+    trainer = build_trainer(recipe, paths, strategy, callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+
+    result = FitResult(paths, trainer.global_step, resume, is_global_zero=trainer.is_global_zero)
+    result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    routing = next((c for c in callbacks if isinstance(c, RoutingImageLogger)), None)
+    result.routing_picture = routing.last_path if routing is not None else None
+    checkpoints = next(c for c in callbacks if isinstance(c, AtomicModelCheckpoint))
+    result.last_checkpoint = Path(checkpoints.best_model_path) if checkpoints.best_model_path else None  # highest step
+    if trainer.is_global_zero and recipe.checkpoint.export_final and result.last_checkpoint is not None:
+        from gazelit.training.checkpoints import export_checkpoint
+
+        result.exported_model = export_checkpoint(result.last_checkpoint, paths.model)
+    trainer.strategy.barrier("gazelit.fit.export")
+    return result

@@ -1,0 +1,82 @@
+"""The routing picture: the prompt cut from a training batch, and the drawing of a routing trace."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from callbacks.routing_image import PANEL, draw_routing, prompt_of, selection_counts, to_rgb
+from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL
+from gazelit.models.gaze_vlm import RoutingTrace
+
+
+def batch_of_two() -> dict:
+    """Sample 0: 3 text, 4 visual (2x2 grid), 1 context, 2 text, a 2-token answer, then a second turn (2 text,
+    1 answer token); sample 1 shorter."""
+    kinds = [TEXT] * 3 + [VISUAL] * 4 + [CONTEXT] + [TEXT] * 2 + [TEXT] * 2 + [TEXT] * 3
+    labels = [-100] * 10 + [7, 8] + [-100, -100, 9]
+    return {
+        "input_ids": torch.arange(15).repeat(2, 1),
+        "attention_mask": torch.tensor([[1] * 15, [1] * 11 + [0] * 4]),
+        "labels": torch.tensor([labels, [-100] * 10 + [9] + [-100] * 4]),
+        "token_kind": torch.tensor([kinds, kinds[:11] + [PAD] * 4]),
+        "pixel_values": torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]),
+        "unit_sample": torch.tensor([0, 1]),
+        "unit_start": torch.tensor([3, 3]),
+        "unit_grid": torch.tensor([[2, 2], [2, 2]]),
+        "unit_video": torch.tensor([-1, -1]),
+        "unit_time": torch.tensor([0, 0]),
+        "num_context": 1,
+        "meta": [{"id": "a", "target_box": [0.5, 0.0, 1.0, 0.5]}, {"id": "b"}],
+    }
+
+
+def test_prompt_is_the_sample_cut_before_its_first_supervised_token():
+    prompt, meta = prompt_of(batch_of_two(), 0)
+    assert prompt["input_ids"].tolist() == [list(range(10))]
+    assert prompt["token_kind"].shape == (1, 10) and (prompt["labels"] == -100).all()
+    assert prompt["pixel_values"].shape == (1, 3, 8, 8) and prompt["pixel_values"].sum() == 0  # sample 0's unit only
+    assert prompt["unit_sample"].tolist() == [0] and prompt["unit_start"].tolist() == [3]
+    assert meta["id"] == "a" and meta["expected"].tolist() == [7, 8]
+    other, _ = prompt_of(batch_of_two(), 1)
+    assert other["pixel_values"].sum() > 0 and other["unit_sample"].tolist() == [0]
+
+
+def trace(region_shape=(1, 1, 1)) -> RoutingTrace:
+    # 2 generated tokens, 2 layers, 2 heads, k = 1 on a 2x2 grid of 1x1 regions (tiles 0..3)
+    tile = torch.tensor([[[[3], [3]], [[3], [1]]], [[[0], [0]], [[0], [0]]]])
+    unit = torch.zeros_like(tile)
+    unit[1, 1, 1, 0] = -1  # one head selected nothing
+    return RoutingTrace(region=tile.clone(), score=tile.float(), unit=unit, tile=tile, unit_grids=[(2, 2)],
+                        region_shape=region_shape, tokens=["red", "<|im_end|>"])  # fmt: skip
+
+
+def test_selection_counts_tally_layer_head_pairs_per_token():
+    counts = selection_counts(trace())
+    assert counts == {(0, 0, 3): 3, (0, 0, 1): 1, (1, 0, 0): 3}
+
+
+def test_drawing_shades_selected_tiles_by_share_and_outlines_the_target():
+    image = np.full((8, 8, 3), 235, dtype=np.uint8)
+    picture = np.asarray(draw_routing([image], trace(), target_box=[0.0, 0.0, 0.5, 0.5], title="t"))
+    header = 16  # one title line
+    assert picture.shape == (header + PANEL + 14, 2 * PANEL, 3)
+
+    def pixel(token, tile_row, tile_col):
+        return picture[header + tile_row * PANEL // 2 + PANEL // 4, token * PANEL + tile_col * PANEL // 2 + PANEL // 4]
+
+    assert pixel(0, 1, 1)[0] > pixel(0, 1, 1)[1] + 60  # token 0: bottom-right chosen by 3 of 4 pairs: red
+    assert pixel(0, 1, 1)[1] < pixel(0, 0, 1)[1]  # ... redder than top-right, chosen by 1 of 4
+    assert tuple(pixel(0, 1, 0)) == (235, 235, 235)  # never selected: untouched
+    assert tuple(pixel(1, 1, 1)) == (235, 235, 235)  # token 1 looked top-left only
+    assert pixel(1, 0, 0)[0] > pixel(1, 0, 0)[1] + 60
+    assert tuple(picture[header + 1, 1]) == (0, 200, 0)  # the target box outline, top-left corner
+
+
+def test_pixels_are_denormalised_with_the_transform_mean_and_std():
+    class Transform:
+        mean, std = np.array([0.5] * 3), np.array([0.5] * 3)
+
+    pixels = torch.full((3, 2, 2), -1.0)  # normalised black
+    assert (to_rgb(pixels, Transform()) == 0).all()
+    assert (to_rgb(torch.ones(3, 2, 2), Transform()) == 255).all()
