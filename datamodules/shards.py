@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from datamodules.manifest import Manifest
 
@@ -129,12 +129,27 @@ class SourceReader:
             window_index += 1
 
     def _read_window(self, window: list[int], window_index: int) -> Iterator[RawSample]:
-        urls = iter([{"url": self.source.paths[s]} for s in window])
-        samples = tarfile_samples(urls, handler=self._handle_error)
+        files = tar_file_expander(self._open_shards(window), handler=self._handle_error)
+        samples = group_by_keys(files, handler=self._handle_error)
         if not self.shuffle:
             return samples
         rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.source_index}/{self.slot}/{window_index}")
         return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+
+    def _open_shards(self, window: list[int]) -> Iterator[dict]:
+        """Shard streams for webdataset's tar expander, closed even when the reader stops mid-shard
+        (webdataset's own url_opener leaves them to the garbage collector)."""
+        for s in window:
+            url = self.source.paths[s]
+            try:
+                stream = open(url, "rb")
+            except OSError as exc:
+                exc.args = (*exc.args, url)
+                if self._handle_error(exc):
+                    continue
+                return
+            with stream:
+                yield {"url": url, "stream": stream}
 
     def _handle_error(self, exc: Exception) -> bool:
         url = next((a for a in reversed(exc.args) if isinstance(a, str) and a.endswith(".tar")), "?")

@@ -47,7 +47,7 @@ def ensure_demo_data(config: Any, wait_s: float = 1800.0) -> Path:
     generate_demo_data(
         staging, train=config.train, val=config.val, test=config.test, video_fraction=config.video_fraction,
         image_size=config.image_size, grid=config.grid, max_objects=config.max_objects, seed=config.seed,
-        shard_size=config.shard_size,
+        shard_size=config.shard_size, train_questions=config.train_questions,
     )  # fmt: skip
     try:
         os.replace(staging, out)

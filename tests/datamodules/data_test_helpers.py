@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from webdataset import TarWriter
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from datamodules.demo_data import encode_gif, encode_mp4
 from datamodules.manifest import Manifest
@@ -22,8 +22,11 @@ IMAGE_SIZE = 32
 
 def raw_samples(shard_dir: Path) -> list[dict]:
     """Every sample of a shard directory, as webdataset yields them, in shard order."""
-    paths = Manifest.load(shard_dir).shard_paths()
-    return list(tarfile_samples(iter([{"url": str(p)} for p in paths])))
+    samples = []
+    for path in Manifest.load(shard_dir).shard_paths():
+        with open(path, "rb") as stream:
+            samples += list(group_by_keys(tar_file_expander(iter([{"url": str(path), "stream": stream}]))))
+    return samples
 
 
 def ids_of(batches) -> list[str]:
