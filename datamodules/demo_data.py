@@ -93,7 +93,7 @@ def cell_name(obj: DemoObject) -> str:
 
 # ---------------------------------------------------------------------------------------------- tasks
 def image_sample(
-    rng: np.random.Generator, grid: int, max_objects: int, questions: int = 1
+    rng: np.random.Generator, grid: int, max_objects: int, questions: int = 1, tasks: tuple[str, ...] = IMAGE_TASKS
 ) -> tuple[list[DemoObject], list[dict]]:
     """Objects on one board and `questions` questions, each about one of them (distinct while they last)."""
     count = int(rng.integers(2, max_objects + 1))
@@ -104,11 +104,11 @@ def image_sample(
         for cell, colour in zip(cells, colours)
     ]
     order = [int(i) for i in rng.permutation(count)]
-    return objects, [image_question(rng, objects[order[i % count]]) for i in range(questions)]
+    return objects, [image_question(rng, objects[order[i % count]], tasks) for i in range(questions)]
 
 
-def image_question(rng: np.random.Generator, target: DemoObject) -> dict:
-    task = IMAGE_TASKS[int(rng.integers(len(IMAGE_TASKS)))]
+def image_question(rng: np.random.Generator, target: DemoObject, tasks: tuple[str, ...] = IMAGE_TASKS) -> dict:
+    task = tasks[int(rng.integers(len(tasks)))]
     where = cell_name(target)
     if task == "colour_at":
         question, answer = f"What colour is the shape in {where}?", target.colour
@@ -207,6 +207,7 @@ def write_split(
     video_frames: int = 6,
     video_format: str = "mp4",
     questions: int = 1,
+    tasks: tuple[str, ...] = IMAGE_TASKS,
 ) -> list[str]:
     """Write `count` records of one split (JSONL + media); returns the split's prompts and answers.
 
@@ -226,7 +227,7 @@ def write_split(
                 record["video"] = write_video(frames, fmt, media_root, f"videos/{split}/{index:06d}")
                 record["target_frame"] = qa["frame"]
             else:
-                objects, turns = image_sample(rng, grid, max_objects, questions)
+                objects, turns = image_sample(rng, grid, max_objects, questions, tasks)
                 qa = turns[0]
                 relative = f"images/{split}/{index:06d}.png"
                 (media_root / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -266,11 +267,16 @@ def generate_demo_data(
     workers: int = 1,
     progress: bool = False,
     train_questions: int = 1,
+    tasks: tuple[str, ...] | list[str] = IMAGE_TASKS,
 ) -> DemoData:
     """Write raw splits under `out/raw`, shards under `out/shards/<split>` and `out/corpus.txt`.
 
     Training images carry `train_questions` question turns each; validation and test images one, so
     their metrics read one answer per image."""
+    tasks = tuple(tasks)
+    unknown = sorted(set(tasks) - set(IMAGE_TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"unknown image task(s) {unknown}; choose from {IMAGE_TASKS}")
     if max_objects > len(COLOURS) or video_frames > len(COLOURS) * len(SHAPES):
         raise ValueError("too many objects for the distinct colours/shapes the questions rely on")
     root = Path(out)
@@ -283,7 +289,7 @@ def generate_demo_data(
         jsonl = root / "raw" / f"{split}.jsonl"
         data.corpus += write_split(
             split, count, media_root, jsonl, seed, video_fraction, image_size, grid, max_objects, video_frames,
-            video_format, train_questions if split == "train" else 1,
+            video_format, train_questions if split == "train" else 1, tasks,
         )  # fmt: skip
         shards = root / "shards" / split
         convert(jsonl, media_root, shards, shard_size=shard_size, workers=workers, overwrite=True, progress=progress)
@@ -310,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--train-questions", type=int, default=1, help="question turns per training image")
+    parser.add_argument("--tasks", default=",".join(IMAGE_TASKS), help="image question kinds, comma-separated")
     args = parser.parse_args(argv)
     data = generate_demo_data(
         args.out, args.train, args.val, args.test, args.video_fraction, args.image_size, args.grid,
         args.max_objects, args.video_frames, args.video_format, args.seed, args.shard_size, args.workers,
-        progress=True, train_questions=args.train_questions,
+        progress=True, train_questions=args.train_questions, tasks=args.tasks.split(","),
     )  # fmt: skip
     for split, path in data.shards.items():
         print(f"{split}: shards in {path}")

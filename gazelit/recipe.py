@@ -103,6 +103,7 @@ class DemoDataConfig:
     grid: int = 4
     max_objects: int = 4
     train_questions: int = 1  # question turns per training image (val/test images have one)
+    tasks: list[str] = field(default_factory=lambda: ["colour_at", "shape_of", "locate"])
     video_fraction: float = 0.0
     seed: int = 0
     shard_size: int = 50  # samples per shard: several shards per split, so every rank gets some

@@ -9,6 +9,8 @@ the other ranks only once rank 0 reaches `trainer.fit`, after generation.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -19,10 +21,29 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "corpus.txt"  # generate_demo_data writes it last
+SETTINGS_FILE = "demo_settings.json"  # the generation settings, to refuse data made with other ones
 
 
 def demo_data_ready(out: str | Path) -> bool:
     return (Path(out) / COMPLETE_MARKER).is_file()
+
+
+def _settings(config: Any) -> dict:
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
+    return {k: v for k, v in fields.items() if k != "out"}
+
+
+def check_settings(out: Path, config: Any) -> None:
+    """Data in `out` must have been generated with the recipe's settings (not silently reused)."""
+    stored = out / SETTINGS_FILE
+    wanted = _settings(config)
+    found = json.loads(stored.read_text()) if stored.is_file() else None
+    if found != wanted:
+        diff = sorted(k for k in wanted if found is None or found.get(k) != wanted[k])
+        raise RuntimeError(
+            f"{out} holds demo data generated with other settings ({', '.join(diff) or 'unknown'} differ); "
+            "delete it, or point demo.out elsewhere"
+        )
 
 
 def ensure_demo_data(config: Any, wait_s: float = 1800.0) -> Path:
@@ -31,6 +52,7 @@ def ensure_demo_data(config: Any, wait_s: float = 1800.0) -> Path:
 
     out = Path(config.out)
     if demo_data_ready(out):
+        check_settings(out, config)
         return out
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         deadline = time.monotonic() + wait_s
@@ -38,6 +60,7 @@ def ensure_demo_data(config: Any, wait_s: float = 1800.0) -> Path:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"waited {wait_s:.0f} s for local rank 0 to generate the demo data in {out}")
             time.sleep(1.0)
+        check_settings(out, config)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -47,8 +70,9 @@ def ensure_demo_data(config: Any, wait_s: float = 1800.0) -> Path:
     generate_demo_data(
         staging, train=config.train, val=config.val, test=config.test, video_fraction=config.video_fraction,
         image_size=config.image_size, grid=config.grid, max_objects=config.max_objects, seed=config.seed,
-        shard_size=config.shard_size, train_questions=config.train_questions,
+        shard_size=config.shard_size, train_questions=config.train_questions, tasks=config.tasks,
     )  # fmt: skip
+    (staging / SETTINGS_FILE).write_text(json.dumps(_settings(config), indent=2))
     try:
         os.replace(staging, out)
     except OSError:  # another process finished first (or `out` exists but is incomplete)

@@ -29,3 +29,12 @@ def test_an_incomplete_folder_is_reported_not_used(tmp_path):
     (out / "shards" / "junk").write_text("x")
     with pytest.raises(RuntimeError, match="no complete demo data set"):
         ensure_demo_data(small(out))
+
+
+def test_data_made_with_other_settings_is_refused_not_reused(tmp_path):
+    out = tmp_path / "demo"
+    ensure_demo_data(small(out))
+    changed = small(out)
+    changed.train_questions, changed.tasks = 3, ["shape_of"]
+    with pytest.raises(RuntimeError, match="other settings .*tasks, train_questions"):
+        ensure_demo_data(changed)

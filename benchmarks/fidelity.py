@@ -1,0 +1,216 @@
+"""Does gaze keep quality while attending to a fraction of the visual entries? Dense vs gaze, measured.
+
+    python benchmarks/fidelity.py --json benchmarks/results/fidelity-cpu.json [--steps 800] [--arms dense,gaze-25]
+
+Trains the same tiny model on the same generated localized-VQA data (recipes/fidelity.yaml: "What shape
+is the <colour> object?", three questions per training image, 4x4 board, 8x8 visual tokens in 2x2
+regions = 16 regions) for the same steps with the same seed, once per arm, through `gazelit fit`:
+
+    dense        the LLM's own attention, no context tokens: 64 visual entries per query
+    gaze-25      k = 4 of 16 regions + 2 context tokens: 16 + 2 entries (25% of the visual tokens)
+    gaze-12.5    k = 2: 8 + 2 entries (12.5%)
+    no-context   gaze-12.5 without context tokens (ablation)
+    no-schedule  gaze-12.5 sparse from step 0, no progressive schedule (ablation)
+
+then generates answers (greedy) for the held-back test split and reports, per arm:
+    accuracy        exact match of the generated answer
+    attended        visual entries attended per text query (selected region tokens + context tokens),
+                    measured from the routing trace of the first answer token
+    hit_rate        how often a head's selected regions contain the object the question asks about
+                    (mean over test images, layers and heads, first answer token); chance is k / 16
+Writes JSON and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "fidelity.yaml"
+ARMS = {
+    "dense": ["model.gaze.enabled=false"],
+    "gaze-25": ["model.gaze.top_k=4"],
+    "gaze-12.5": ["model.gaze.top_k=2"],
+    "no-context": ["model.gaze.top_k=2", "model.gaze.num_context=0"],
+    "no-schedule": ["model.gaze.top_k=2", "schedule.start_step=0", "schedule.span_steps=0"],
+}
+
+
+def train(arm: str, overrides: list[str], reuse: bool) -> tuple[Path, float, object]:
+    from gazelit.recipe import load_recipe
+    from gazelit.training import fit
+
+    recipe = load_recipe(RECIPE, [*overrides, f"run.name={arm}"])
+    model_dir = recipe.run_dir / "model"
+    if reuse and (model_dir / "gazelit_config.json").is_file():
+        return model_dir, float("nan"), recipe
+    shutil.rmtree(recipe.run_dir, ignore_errors=True)
+    started = time.perf_counter()
+    result = fit(recipe)
+    return result.exported_model, time.perf_counter() - started, recipe
+
+
+def prompts_from(batch: dict, pad_id: int) -> dict:
+    """A teacher-forced batch (right-padded, with labels) cut before each sample's first supervised
+    token and left-padded: the prompt the model answers at test time."""
+    from gazelit.attention import PAD
+
+    labels = batch["labels"]
+    b = labels.shape[0]
+    cut = [int((labels[i] != -100).nonzero()[0]) for i in range(b)]
+    n = max(cut)
+    shift = torch.tensor([n - c for c in cut])
+
+    def left(t: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full((b, n), fill, dtype=t.dtype)
+        for i in range(b):
+            out[i, n - cut[i] :] = t[i, : cut[i]]
+        return out
+
+    kinds = left(batch["token_kind"], PAD)
+    out = {key: batch[key] for key in ("pixel_values", "unit_sample", "unit_grid", "unit_video", "unit_time")}
+    out.update(
+        input_ids=left(batch["input_ids"], pad_id), token_kind=kinds, attention_mask=(kinds != PAD).long(),
+        labels=torch.full((b, n), -100), unit_start=batch["unit_start"] + shift[batch["unit_sample"]],
+        num_context=batch["num_context"],
+    )
+    return out
+
+
+def target_tile(box: list[float], grid: tuple[int, int], region: tuple[int, int, int]) -> int:
+    """Tile (row-major over the unit's regions) holding the centre of a normalised box."""
+    (rows, cols), (rh, rw, _) = grid, region
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return int(cy * rows) // rh * -(-cols // rw) + int(cx * cols) // rw
+
+
+@torch.no_grad()
+def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
+    from datamodules.config import DataConfig, SourceConfig
+    from datamodules.datamodule import GazeDataModule
+    from gazelit.attention import parse_top_k
+    from gazelit.models.gaze_vlm import GazeVLM
+
+    model = GazeVLM.from_pretrained(model_dir).eval()
+    model.top_k = parse_top_k(model.config.gaze.top_k)  # the recipe's target k, wherever the schedule stopped
+    test = Path(recipe.demo.out) / "shards" / "test"
+    config = DataConfig(test_sources=[SourceConfig(str(test))], batch_size=batch_size, num_workers=0,
+                        max_length=recipe.data.max_length, system_prompt=recipe.data.system_prompt)
+    data = GazeDataModule(config, model.tokenizer, model.image_transform(), model.visual_grid, model.num_context)
+    correct: dict[str, list[bool]] = defaultdict(list)
+    hits, attended, layer_hits = [], [], defaultdict(list)
+    per_unit = model.visual_grid[0] * model.visual_grid[1]
+    for batch in data.test_dataloader():
+        outputs = model.generate_from_batch(prompts_from(batch, model.tokenizer.pad_token_id), max_new_tokens=6)
+        for meta, out in zip(batch["meta"], outputs):
+            correct[meta["task"]].append(out.text.strip() == meta["answer"])
+            if out.trace is None:
+                attended.append(per_unit)
+                continue
+            trace = out.trace
+            tile = target_tile(meta["target_box"], trace.unit_grids[0], trace.region_shape)
+            chosen = trace.tile[0]  # first answer token: (layers, heads, k)
+            hit = (chosen == tile).any(-1).float()  # (layers, heads)
+            hits.append(hit.mean().item())
+            for layer in range(hit.shape[0]):
+                layer_hits[layer].append(hit[layer].mean().item())
+            rh, rw, _ = trace.region_shape
+            sizes = torch.tensor([_tile_size(t, trace.unit_grids[0], (rh, rw)) for t in range(_tiles(trace))])
+            picked = torch.where(chosen >= 0, sizes[chosen.clamp(min=0)], 0).sum(-1).float()
+            attended.append(picked.mean().item() + model.num_context)
+    total = [c for v in correct.values() for c in v]
+    k = model.top_k
+    tiles = -(-model.visual_grid[0] // model.config.gaze.region[0]) * -(-model.visual_grid[1] // model.config.gaze.region[1])
+    return dict(
+        accuracy=round(sum(total) / len(total), 4),
+        n=len(total),
+        per_task={t: round(sum(v) / len(v), 4) for t, v in correct.items()},
+        attended_entries=round(sum(attended) / len(attended), 2),
+        visual_tokens=per_unit,
+        k="all" if not model.gaze_enabled or k is None else k,
+        context_tokens=model.num_context,
+        hit_rate=round(sum(hits) / len(hits), 4) if hits else None,
+        hit_rate_by_layer=[round(sum(v) / len(v), 4) for _, v in sorted(layer_hits.items())] or None,
+        hit_rate_chance=round(min(k, tiles) / tiles, 4) if hits and k is not None else None,
+    )
+
+
+def _tiles(trace) -> int:
+    rows, cols = trace.unit_grids[0]
+    rh, rw, _ = trace.region_shape
+    return -(-rows // rh) * -(-cols // rw)
+
+
+def _tile_size(tile: int, grid: tuple[int, int], region: tuple[int, int]) -> int:
+    rows, cols = grid
+    rh, rw = region
+    per_row = -(-cols // rw)
+    r, c = divmod(tile, per_row)
+    return (min((r + 1) * rh, rows) - r * rh) * (min((c + 1) * rw, cols) - c * rw)
+
+
+def table(rows: list[dict]) -> str:
+    head = "| arm | accuracy | attended visual entries / query | routing hit rate (chance) | train time |"
+    lines = [head, "|---|---|---|---|---|"]
+    for r in rows:
+        e = r["eval"]
+        chance = "" if e["hit_rate_chance"] is None else f" ({e['hit_rate_chance']:.3f})"
+        hit = "-" if e["hit_rate"] is None else f"{e['hit_rate']:.3f}{chance}"
+        entries = f"{e['attended_entries']:.1f} of {e['visual_tokens']}" + (
+            f" (k={e['k']}, M={e['context_tokens']})" if r["arm"] != "dense" else ""
+        )
+        lines.append(f"| {r['arm']} | {e['accuracy']:.3f} | {entries} | {hit} | {r['train_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+    parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every arm")
+    parser.add_argument("--reuse", action="store_true", help="evaluate existing runs/fidelity/<arm>/model")
+    parser.add_argument("--override", action="append", default=[], help="extra recipe key=value for all arms")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)  # the recipe's relative paths (data/, runs/) are relative to the repository
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    common = list(args.override) + ([f"trainer.max_steps={args.steps}"] if args.steps else [])
+    rows = []
+    for arm in arms:
+        print(f"== {arm}: training", flush=True)
+        model_dir, seconds, recipe = train(arm, common + ARMS[arm], args.reuse)
+        print(f"== {arm}: evaluating {model_dir}", flush=True)
+        rows.append(dict(arm=arm, overrides=common + ARMS[arm], train_seconds=round(seconds, 1),
+                         eval=evaluate(model_dir, recipe)))
+        print(json.dumps(rows[-1]), flush=True)
+    result = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
+        python=sys.version.split()[0],
+        recipe=str(RECIPE.relative_to(ROOT)),
+        steps=recipe.trainer.max_steps,
+        arms=rows,
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print()
+    print(table(rows))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
