@@ -17,7 +17,8 @@ then generates answers (greedy) for the held-back test split and reports, per ar
     attended        visual entries attended per text query (selected region tokens + context tokens),
                     measured from the routing trace of the first answer token
     hit_rate        how often a head's selected regions contain the object the question asks about
-                    (mean over test images, layers and heads, first answer token); chance is k / 16
+                    (mean over test images, layers and heads, first answer token); chance is k / 16;
+                    also per layer, per layer for "any head", and split by right / wrong answers
 Writes JSON and prints a markdown table.
 """
 
@@ -47,11 +48,11 @@ ARMS = {
 }
 
 
-def train(arm: str, overrides: list[str], reuse: bool) -> tuple[Path, float, object]:
+def train(arm: str, overrides: list[str], reuse: bool, suffix: str = "") -> tuple[Path, float, object]:
     from gazelit.recipe import load_recipe
     from gazelit.training import fit
 
-    recipe = load_recipe(RECIPE, [*overrides, f"run.name={arm}"])
+    recipe = load_recipe(RECIPE, [*overrides, f"run.name={arm}{suffix}"])
     model_dir = recipe.run_dir / "model"
     if reuse and (model_dir / "gazelit_config.json").is_file():
         return model_dir, float("nan"), recipe
@@ -110,11 +111,14 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
     data = GazeDataModule(config, model.tokenizer, model.image_transform(), model.visual_grid, model.num_context)
     correct: dict[str, list[bool]] = defaultdict(list)
     hits, attended, layer_hits = [], [], defaultdict(list)
+    hits_by_outcome: dict[bool, list[float]] = {True: [], False: []}
+    any_head: dict[int, list[float]] = defaultdict(list)
     per_unit = model.visual_grid[0] * model.visual_grid[1]
     for batch in data.test_dataloader():
         outputs = model.generate_from_batch(prompts_from(batch, model.tokenizer.pad_token_id), max_new_tokens=6)
         for meta, out in zip(batch["meta"], outputs):
-            correct[meta["task"]].append(out.text.strip() == meta["answer"])
+            right = out.text.strip() == meta["answer"]
+            correct[meta["task"]].append(right)
             if out.trace is None:
                 attended.append(per_unit)
                 continue
@@ -123,8 +127,10 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
             chosen = trace.tile[0]  # first answer token: (layers, heads, k)
             hit = (chosen == tile).any(-1).float()  # (layers, heads)
             hits.append(hit.mean().item())
+            hits_by_outcome[right].append(hit.mean().item())
             for layer in range(hit.shape[0]):
                 layer_hits[layer].append(hit[layer].mean().item())
+                any_head[layer].append(hit[layer].max().item())
             rh, rw, _ = trace.region_shape
             sizes = torch.tensor([_tile_size(t, trace.unit_grids[0], (rh, rw)) for t in range(_tiles(trace))])
             picked = torch.where(chosen >= 0, sizes[chosen.clamp(min=0)], 0).sum(-1).float()
@@ -132,8 +138,14 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
     total = [c for v in correct.values() for c in v]
     k = model.top_k
     tiles = -(-model.visual_grid[0] // model.config.gaze.region[0]) * -(-model.visual_grid[1] // model.config.gaze.region[1])
+    accuracy = sum(total) / len(total)
+
+    def mean(values):
+        return round(sum(values) / len(values), 4) if values else None
+
     return dict(
-        accuracy=round(sum(total) / len(total), 4),
+        accuracy=round(accuracy, 4),
+        accuracy_stderr=round((accuracy * (1 - accuracy) / len(total)) ** 0.5, 4),
         n=len(total),
         per_task={t: round(sum(v) / len(v), 4) for t, v in correct.items()},
         attended_entries=round(sum(attended) / len(attended), 2),
@@ -143,6 +155,9 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
         hit_rate=round(sum(hits) / len(hits), 4) if hits else None,
         hit_rate_by_layer=[round(sum(v) / len(v), 4) for _, v in sorted(layer_hits.items())] or None,
         hit_rate_chance=round(min(k, tiles) / tiles, 4) if hits and k is not None else None,
+        any_head_hit_rate_by_layer=[mean(v) for _, v in sorted(any_head.items())] or None,
+        hit_rate_correct_answers=mean(hits_by_outcome[True]),
+        hit_rate_wrong_answers=mean(hits_by_outcome[False]),
     )
 
 
@@ -161,8 +176,9 @@ def _tile_size(tile: int, grid: tuple[int, int], region: tuple[int, int]) -> int
 
 
 def table(rows: list[dict]) -> str:
-    head = "| arm | accuracy | attended visual entries / query | routing hit rate (chance) | train time |"
-    lines = [head, "|---|---|---|---|---|"]
+    head = ("| arm | accuracy (± s.e.) | attended visual entries / query | routing hit rate (chance) "
+            "| hit rate: right / wrong answers | train time |")
+    lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
         e = r["eval"]
         chance = "" if e["hit_rate_chance"] is None else f" ({e['hit_rate_chance']:.3f})"
@@ -170,7 +186,10 @@ def table(rows: list[dict]) -> str:
         entries = f"{e['attended_entries']:.1f} of {e['visual_tokens']}" + (
             f" (k={e['k']}, M={e['context_tokens']})" if r["arm"] != "dense" else ""
         )
-        lines.append(f"| {r['arm']} | {e['accuracy']:.3f} | {entries} | {hit} | {r['train_seconds']:.0f} s |")
+        split = "-" if e["hit_rate"] is None else f"{e['hit_rate_correct_answers']:.3f} / {e['hit_rate_wrong_answers']:.3f}"
+        seconds = "-" if r["train_seconds"] != r["train_seconds"] else f"{r['train_seconds']:.0f} s"  # NaN: reused
+        lines.append(f"| {r['arm']} | {e['accuracy']:.3f} ± {e['accuracy_stderr']:.3f} | {entries} | {hit} | {split} "
+                     f"| {seconds} |")
     return "\n".join(lines)
 
 
@@ -181,6 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every arm")
     parser.add_argument("--reuse", action="store_true", help="evaluate existing runs/fidelity/<arm>/model")
     parser.add_argument("--override", action="append", default=[], help="extra recipe key=value for all arms")
+    parser.add_argument("--seed", type=int, default=None, help="recipe seed (run names get a -seedN suffix)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # the recipe's relative paths (data/, runs/) are relative to the repository
     arms = [a for a in args.arms.split(",") if a]
@@ -188,10 +208,18 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
     common = list(args.override) + ([f"trainer.max_steps={args.steps}"] if args.steps else [])
+    if args.seed is not None:
+        common.append(f"seed={args.seed}")
+    previous = {}  # with --reuse, keep the training times measured when the models were trained
+    if args.reuse and Path(args.json).is_file():
+        previous = {r["arm"]: r for r in json.loads(Path(args.json).read_text())["arms"]}
     rows = []
     for arm in arms:
         print(f"== {arm}: training", flush=True)
-        model_dir, seconds, recipe = train(arm, common + ARMS[arm], args.reuse)
+        suffix = f"-seed{args.seed}" if args.seed is not None else ""
+        model_dir, seconds, recipe = train(arm, common + ARMS[arm], args.reuse, suffix)
+        if seconds != seconds and arm in previous:  # reused: NaN
+            seconds = previous[arm]["train_seconds"]
         print(f"== {arm}: evaluating {model_dir}", flush=True)
         rows.append(dict(arm=arm, overrides=common + ARMS[arm], train_seconds=round(seconds, 1),
                          eval=evaluate(model_dir, recipe)))
@@ -202,6 +230,7 @@ def main(argv=None) -> int:
         python=sys.version.split()[0],
         recipe=str(RECIPE.relative_to(ROOT)),
         steps=recipe.trainer.max_steps,
+        seed=recipe.seed,
         arms=rows,
     )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
