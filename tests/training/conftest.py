@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gazelit.recipe import DemoDataConfig
 from gazelit.training.demo import ensure_demo_data
 
-from .helpers import DEMO_DATA
+from .helpers import demo_data_config
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    return ensure_demo_data(DemoDataConfig(out=str(tmp_path_factory.mktemp("data") / "demo"), **DEMO_DATA))
+    return ensure_demo_data(demo_data_config(tmp_path_factory.mktemp("data") / "demo"))

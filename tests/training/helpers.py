@@ -26,6 +26,15 @@ DEMO_DATA = {
 }
 
 
+def demo_data_config(out: Path):
+    """The demo recipe's own data settings (tasks, questions per image, ...) at the small test size."""
+    from dataclasses import replace
+
+    from gazelit.recipe import load_recipe
+
+    return replace(load_recipe(DEMO_RECIPE).demo, out=str(out), **DEMO_DATA)
+
+
 def demo_overrides(data_dir: Path) -> list[str]:
     return [f"demo.out={data_dir}"] + [f"demo.{k}={v}" for k, v in DEMO_DATA.items()]
 

@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gazelit.recipe import DemoDataConfig
 from gazelit.training.checkpoints import full_checkpoint
 from gazelit.training.demo import ensure_demo_data
 
-from .helpers import DEMO_DATA, DEMO_RECIPE, KILLED_EXIT_CODE, REPO, fast_overrides
+from .helpers import DEMO_RECIPE, KILLED_EXIT_CODE, REPO, demo_data_config, fast_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -72,7 +71,7 @@ def assert_same_tensors(a, b, where: str = "") -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp2")
     data = root / "data"
-    ensure_demo_data(DemoDataConfig(out=str(data), **DEMO_DATA))
+    ensure_demo_data(demo_data_config(data))
 
     def overrides(name: str, **extra) -> list[str]:
         return fast_overrides(data, root / "runs", name, **{**FSDP2, **extra})
