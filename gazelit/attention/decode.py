@@ -106,7 +106,7 @@ def decode_attention(
 
     avail = (layout.region_ready[:, None, :] <= qpos[None, :, None]).unsqueeze(1)
     if routing is None and (top_k is None or top_k >= int(avail.sum(-1).max())):
-        return _every_region(q, k, v, layout, qpos, scale, avail)
+        return _every_region(q, k, v, layout, state, qpos, scale, avail)
 
     # 1. route
     scores = region_scores(q, state.descriptors)  # (B, Hq, n, R)
@@ -154,17 +154,24 @@ def decode_attention(
     return out, sel, sel_scores
 
 
-def _every_region(q, k, v, layout, qpos, scale, avail):
-    """k >= the available regions: text queries see every real earlier token, i.e. plain causal attention."""
+def _every_region(q, k, v, layout, state, qpos, scale, avail):
+    """k >= the available regions: text queries see every real earlier token, i.e. plain causal attention.
+
+    One new token of an unpadded batch sees the whole cache prefix, so it needs no mask at all; the
+    trace's scores come from the state's descriptors (never a pass over the cached visual keys).
+    """
+    b, hq, n = q.shape[:3]
     end = int(qpos[-1]) + 1
-    kpos = torch.arange(end, device=q.device)
-    allowed = (layout.kinds_at(kpos) != PAD)[:, None, None, :] & (kpos[None, :] <= qpos[:, None])[None, None]
+    padded = any(s.valid[0] > 0 or s.valid[1] < layout.length for s in layout.samples)
+    allowed = None
+    if n > 1 or padded:
+        kpos = torch.arange(end, device=q.device)
+        allowed = (layout.kinds_at(kpos) != PAD)[:, None, None, :] & (kpos[None, :] <= qpos[:, None])[None, None]
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
-    b, hq, n = q.shape[:3]
     r = avail.shape[-1]
     every = torch.arange(r, device=q.device).expand(b, hq, n, r)
     every = torch.where(avail.expand(b, hq, n, r), every, torch.full_like(every, -1))
-    scores = region_scores(q, region_descriptors(k[:, :, :end], layout)) if r else q.new_zeros(b, hq, n, 0)
+    scores = region_scores(q, state.descriptors) if r else q.new_zeros(b, hq, n, 0)
     return out.transpose(1, 2), every, scores.masked_fill(every < 0, float("-inf"))

@@ -45,6 +45,9 @@ class Piece:
     k0: int  # key positions [k0, k1)
     k1: int
     mode: str  # "causal" | "window" | "routed"
+    # rows [a, b) this piece computes but a later piece overrides (a causal span running through context
+    # rows or a short routed run): their output is replaced and their gradient is zeroed here
+    overridden: tuple[tuple[int, int], ...] = ()
 
 
 def plan_pieces(
@@ -88,14 +91,46 @@ def plan_pieces(
             prev = u_end
         add_text(prev, end)
 
-        for a, z, rule, ks in runs:
-            if rule == "window" and a == ks:
-                pieces.append(Piece(b, a, z, a, z, "causal"))
-                continue
-            for c in range(a, z, chunk):
-                d = min(z, c + chunk)
-                pieces.append(Piece(b, c, d, ks, d, rule))
+        pieces += _pieces_for_runs(b, runs, lo, chunk)
     layout._cache[key] = pieces
+    return pieces
+
+
+def _pieces_for_runs(b: int, runs: list[tuple[int, int, str, int]], lo: int, chunk: int) -> list[Piece]:
+    """Pieces for one sample's runs (start, end, rule, key start).
+
+    The dense runs from the first real token on become one causal call, running through short non-dense
+    runs between them (context rows, a few routed text rows), which get their own pieces that override
+    those rows. Everything else is cut into `chunk`-row pieces with masks.
+    """
+    def dense(run) -> bool:
+        return run[2] == "window" and run[3] == lo
+
+    span_end, bridged, inside = None, [], []
+    if runs and dense(runs[0]) and runs[0][0] == lo:
+        span_end = runs[0][1]
+        for run in runs[1:]:
+            if dense(run):
+                span_end, inside = run[1], inside + bridged
+                bridged = []
+            elif run[1] - run[0] <= chunk:
+                bridged.append(run)
+            else:
+                break
+    pieces: list[Piece] = []
+    if span_end is not None:
+        pieces.append(Piece(b, lo, span_end, lo, span_end, "causal", tuple((r[0], r[1]) for r in inside)))
+    for run in runs:
+        a, z, rule, ks = run
+        if span_end is not None and z <= span_end and (dense(run) or run in inside):
+            if dense(run):
+                continue  # computed by the span
+        elif rule == "window" and a == ks:
+            pieces.append(Piece(b, a, z, a, z, "causal"))
+            continue
+        for c in range(a, z, chunk):
+            d = min(z, c + chunk)
+            pieces.append(Piece(b, c, d, ks, d, rule))
     return pieces
 
 
@@ -110,15 +145,14 @@ def _routed_mask(layout: GazeLayout, p: Piece, indices: torch.Tensor, dtype, dev
     """(1, Hq, rows, keys) additive mask for routed text rows from top-k indices (Hq, rows, kk)."""
     hq, rows = indices.shape[:2]
     keys = p.k1 - p.k0
-    m = _window_mask(rows, keys, dtype, device).expand(1, hq, rows, keys).clone()
-    pos, reg = _visual_positions(layout, p.sample)
-    inside = (pos >= p.k0) & (pos < p.k1)
-    pos, reg = pos[inside], reg[inside]
-    if pos.numel():
-        selected = selection_table(indices, max(layout.num_regions, 1))[:, :, reg]  # (Hq, rows, nv)
-        blocked = torch.full((), float("-inf"), dtype=dtype, device=device)
-        m[0, :, :, pos - p.k0] = torch.where(selected, torch.zeros((), dtype=dtype, device=device), blocked)
-    return m
+    r = max(layout.num_regions, 1)
+    region = layout.regions_at(torch.arange(p.k0, p.k1, device=device))[p.sample]
+    column = region.masked_fill(region < 0, r)  # non-visual keys read an always-true column
+    table = torch.nn.functional.pad(selection_table(indices, r), (0, 1), value=True)  # (Hq, rows, R + 1)
+    allowed = table.gather(-1, column.expand(hq, rows, keys))
+    allowed &= torch.ones(rows, keys, dtype=torch.bool, device=device).tril(keys - rows)
+    blocked = torch.full((), float("-inf"), dtype=dtype, device=device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked).unsqueeze(0)
 
 
 def _route_piece(q_rows, descriptors, layout, p, top_k, num_kv_heads, shared):
@@ -129,13 +163,31 @@ def _route_piece(q_rows, descriptors, layout, p, top_k, num_kv_heads, shared):
     return select_regions(scores, avail, top_k, num_kv_heads, shared=shared)[0]
 
 
+def _uncovered_rows(pieces: list[Piece], batch: int, q_offset: int, q_len: int) -> list[tuple[int, slice]]:
+    """Query rows no piece computes (padding), per sample, as (sample, slice of local rows)."""
+    spans: dict[int, tuple[int, int]] = {}
+    for p in pieces:
+        a, z = spans.get(p.sample, (p.q0, p.q1))
+        spans[p.sample] = (min(a, p.q0), max(z, p.q1))
+    out = []
+    for b in range(batch):
+        a, z = spans.get(b, (q_offset, q_offset))
+        if a > q_offset:
+            out.append((b, slice(0, a - q_offset)))
+        if z < q_offset + q_len:
+            out.append((b, slice(max(z, q_offset) - q_offset, q_len)))
+    return out
+
+
 class _SegmentedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing):
         # q (B, Hq, Lq, D) possibly strided; k, v (B, Hkv, S, D)
         b_, hq, lq, d = q.shape
-        out = q.new_zeros(b_, lq, hq, d)  # HF layout; written through a transposed view
+        out = q.new_empty(b_, lq, hq, d)  # HF layout; written through a transposed view
         out_t = out.transpose(1, 2)
+        for b, rows in _uncovered_rows(pieces, b_, q_offset, lq):  # padding rows: zero
+            out_t[b, :, rows] = 0
         descriptors = {}
         lses, routes = [], []
         for p in pieces:
@@ -171,7 +223,9 @@ class _SegmentedAttention(torch.autograd.Function):
         layout, off = ctx.layout, ctx.q_offset
         grad_t = grad_out.transpose(1, 2)
         out_t = out.transpose(1, 2)
-        dq = torch.zeros_like(q)
+        dq = torch.empty_like(q)
+        for b, rows in _uncovered_rows(ctx.pieces, q.shape[0], off, q.shape[2]):
+            dq[b, :, rows] = 0
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         for p, lse, route in zip(ctx.pieces, lses, routes):
@@ -182,8 +236,11 @@ class _SegmentedAttention(torch.autograd.Function):
                 mask = _window_mask(p.q1 - p.q0, p.k1 - p.k0, q.dtype, q.device)
             elif p.mode == "routed":
                 mask = _routed_mask(layout, p, route, q.dtype, q.device)
+            grad_rows = grad_t[b, :, rows].contiguous()
+            for a, z in p.overridden:  # rows a later piece recomputes: no gradient through this piece
+                grad_rows[:, :, a - p.q0 : z - p.q0] = 0
             gq, gk, gv = _BWD(
-                grad_t[b, :, rows].contiguous(),
+                grad_rows,
                 q[b, :, rows],
                 k[b, :, keys],
                 v[b, :, keys],
@@ -225,6 +282,9 @@ def segmented_attention(
         for p in pieces:
             if p.mode != "routed":
                 positions = torch.arange(p.q0, p.q1, device=q.device)
-                text = positions[layout.kinds_at(positions)[p.sample] == TEXT]
+                keep = layout.kinds_at(positions)[p.sample] == TEXT
+                for a, z in p.overridden:  # counted by the piece that overrides them
+                    keep[a - p.q0 : z - p.q0] = False
+                text = positions[keep]
                 accumulate_visual_stats(stats, layout, p.sample, text, heads=q.shape[1])
     return _SegmentedAttention.apply(q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing)
