@@ -142,17 +142,72 @@ def _window_mask(rows: int, keys: int, dtype, device) -> torch.Tensor:
 
 
 def _routed_mask(layout: GazeLayout, p: Piece, indices: torch.Tensor, dtype, device) -> torch.Tensor:
-    """(1, Hq, rows, keys) additive mask for routed text rows from top-k indices (Hq, rows, kk)."""
+    """(1, Hq, rows, keys) additive mask for routed text rows from top-k indices (Hq, rows, kk).
+
+    A small (Hq, rows, R + 1) table of 0 / -inf per region (column R, always 0, stands for non-visual
+    keys) is written out to the keys span by span (`_key_spans`): non-visual spans are zero-filled, a unit
+    whose grid the regions tile exactly is one broadcast copy, other units gather their columns. Then
+    the causal corner (only the last `rows` keys can lie after a row) is added in place.
+    """
     hq, rows = indices.shape[:2]
     keys = p.k1 - p.k0
     r = max(layout.num_regions, 1)
-    region = layout.regions_at(torch.arange(p.k0, p.k1, device=device))[p.sample]
-    column = region.masked_fill(region < 0, r)  # non-visual keys read an always-true column
     table = torch.nn.functional.pad(selection_table(indices, r), (0, 1), value=True)  # (Hq, rows, R + 1)
-    allowed = table.gather(-1, column.expand(hq, rows, keys))
-    allowed &= torch.ones(rows, keys, dtype=torch.bool, device=device).tril(keys - rows)
-    blocked = torch.full((), float("-inf"), dtype=dtype, device=device)
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked).unsqueeze(0)
+    per_region = torch.where(
+        table, torch.zeros((), dtype=dtype, device=device), torch.full((), float("-inf"), dtype=dtype, device=device)
+    )
+    mask = torch.empty(hq, rows, keys, dtype=dtype, device=device)
+    rh, rw = layout.region_shape.h, layout.region_shape.w
+    for span in _key_spans(layout, p, device):
+        if span[0] == "zero":
+            mask[:, :, span[1] : span[2]] = 0
+        elif span[0] == "tiles":
+            _, a, base, gh, gw = span
+            nrh, nrw = gh // rh, gw // rw
+            # one grid row per region row (columns repeated rw times), then that row repeated rh times:
+            # broadcast copies with a wide contiguous inner dimension, several times faster than a gather
+            row = per_region[:, :, base : base + nrh * nrw].view(hq, rows, nrh, nrw, 1).expand(-1, -1, -1, -1, rw)
+            row = row.reshape(hq, rows, nrh, 1, gw)
+            mask[:, :, a : a + gh * gw].view(hq, rows, nrh, rh, gw).copy_(row.expand(-1, -1, -1, rh, -1))
+        else:
+            _, a, z, column = span
+            mask[:, :, a:z] = per_region.index_select(-1, column)
+    mask[:, :, keys - rows :] += torch.full((rows, rows), float("-inf"), dtype=dtype, device=device).triu(1)
+    return mask.unsqueeze(0)
+
+
+def _key_spans(layout: GazeLayout, p: Piece, device) -> list[tuple]:
+    """The key range of a routed piece as spans (offsets relative to p.k0), cached per layout:
+    ("zero", a, z) for non-visual keys, ("tiles", a, region base, gh, gw) for a unit tiled exactly by
+    its regions, ("columns", a, z, region index per key) for anything else."""
+    cache_key = ("routed_spans", p.sample, p.k0, p.k1)
+    if cache_key in layout._cache:
+        return layout._cache[cache_key]
+    rh, rw = layout.region_shape.h, layout.region_shape.w
+    r = max(layout.num_regions, 1)
+    spans: list[tuple] = []
+    at = p.k0
+    for u in layout.samples[p.sample].units:
+        a, z = u.start, u.start + u.num_visual
+        if z <= p.k0 or a >= p.k1:
+            continue
+        if a < p.k0 or z > p.k1:  # a unit cut by the key range: per-column gather for the whole range
+            region = layout.regions_at(torch.arange(p.k0, p.k1, device=device))[p.sample]
+            spans = [("columns", 0, p.k1 - p.k0, region.masked_fill(region < 0, r))]
+            at = p.k1
+            break
+        if at < a:
+            spans.append(("zero", at - p.k0, a - p.k0))
+        gh, gw = u.grid
+        if gh % rh == 0 and gw % rw == 0:
+            spans.append(("tiles", a - p.k0, int(layout.region[p.sample, a]), gh, gw))
+        else:
+            spans.append(("columns", a - p.k0, z - p.k0, layout.region[p.sample, a:z].clone()))
+        at = z
+    if at < p.k1:
+        spans.append(("zero", at - p.k0, p.k1 - p.k0))
+    layout._cache[cache_key] = spans
+    return spans
 
 
 def _route_piece(q_rows, descriptors, layout, p, top_k, num_kv_heads, shared):

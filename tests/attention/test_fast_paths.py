@@ -16,6 +16,7 @@ from gazelit.attention import (
     PAD,
     GazeLayout,
     RegionShape,
+    Unit,
     build_state,
     decode_attention,
     flex_gaze_attention,
@@ -63,6 +64,34 @@ def test_segmented_equals_reference_forward_and_backward(seed, heads, video, pad
     assert ((ref - out) * real).abs().max() < 1e-10
     for a, b in zip(g_ref, g_out):
         assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize(
+    "grids,region,video",
+    [
+        ([(4, 6), (2, 3), (5, 6)], RegionShape(2, 3), False),  # exact tilings and an inexact one side by side
+        ([(3, 5), (4, 4)], RegionShape(1, 1), False),  # one token per region
+        ([(4, 4)] * 3, RegionShape(2, 2, 2), True),  # video: 2 frames per region, the last group one frame
+    ],
+)
+def test_segmented_routed_masks_on_grids_the_regions_tile_exactly(grids, region, video):
+    """Units whose grid the regions tile exactly take the broadcast-copy mask; results equal the reference."""
+    units, pos = [], 3
+    for t, grid in enumerate(grids):
+        units.append(Unit(pos, grid, video=0 if video else -1, time=t))
+        pos += grid[0] * grid[1] + 2 + (0 if video else 1)
+    layout = GazeLayout.build([units], pos + 9, 2, region)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, layout.length, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
+    for top_k in (1, 3):
+        ref = reference_attention(q, k, v, layout, top_k)
+        out = segmented_attention(q, k, v, layout, top_k, chunk=4).transpose(1, 2)
+        grad = torch.randn_like(ref)
+        g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+        g_out = torch.autograd.grad((out * grad).sum(), (q, k, v))
+        assert (ref - out).abs().max() < 1e-10
+        for a, b in zip(g_ref, g_out):
+            assert (a - b).abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("shared", [False, True])
