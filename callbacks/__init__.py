@@ -2,6 +2,7 @@
 
 from callbacks.checkpointing import AtomicModelCheckpoint, is_complete_checkpoint, latest_checkpoint
 from callbacks.k_schedule import KSchedule, ProgressiveTopK
+from callbacks.progress import StepBoundedProgressBar, progress_bar
 from callbacks.routing_image import RoutingImageLogger
 from callbacks.stream_resume import StreamResumeAcrossWorldSizes
 
@@ -10,7 +11,9 @@ __all__ = [
     "KSchedule",
     "ProgressiveTopK",
     "RoutingImageLogger",
+    "StepBoundedProgressBar",
     "StreamResumeAcrossWorldSizes",
     "is_complete_checkpoint",
     "latest_checkpoint",
+    "progress_bar",
 ]

@@ -20,10 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from gazelit.attention.layout import CONTEXT, TEXT, VISUAL
-
 from datamodules import media
-from datamodules.chat import IGNORE_INDEX, ChatEncoder, TokenizedConversation
+from datamodules.chat import ChatEncoder
 from datamodules.collate import Collator
 from datamodules.frame_sampling import frame_start_times, sample_frame_indices, sample_timed_frames
 from datamodules.records import IMAGE_EXTENSIONS

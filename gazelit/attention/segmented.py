@@ -24,7 +24,6 @@ import torch
 
 from gazelit.attention.layout import TEXT, GazeLayout
 from gazelit.attention.routing import (
-    _visual_positions,
     accumulate_visual_stats,
     region_descriptors,
     region_scores,

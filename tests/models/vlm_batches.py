@@ -20,7 +20,7 @@ def make_batch(model, samples, padding="right", seed=0, image_size=None):
     seqs, units, pixels = [], [], []
     video_id = 0
     for s, segments in enumerate(samples):
-        kinds, starts = [], []
+        kinds = []
         for seg in segments:
             if seg[0] == "text":
                 kinds += [TEXT] * seg[1]
