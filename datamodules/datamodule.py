@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from datamodules.chat import ChatEncoder
 from datamodules.collate import Collator
 from datamodules.config import DataConfig, SourceConfig
-from datamodules.loader import ResumableLoader, init_worker
+from datamodules.loader import ResumableLoader, already_collated, init_worker
 from datamodules.samples import ImageTransform, SampleProcessor
 from datamodules.shards import ShardSource
 from datamodules.stream import GazeStream, StreamOptions
@@ -160,6 +160,7 @@ class GazeDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             worker_init_fn=init_worker if workers > 0 else None,
+            collate_fn=already_collated,
             pin_memory=self.config.pin_memory,
         )
 

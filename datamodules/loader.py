@@ -29,6 +29,12 @@ def init_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers already run in parallel; intra-op threads would oversubscribe
 
 
+def already_collated(batch: dict) -> dict:
+    """collate_fn of the stream loaders: the stream yields finished batches, and torch's default
+    (default_convert) would walk every nested list of every batch for nothing."""
+    return batch
+
+
 class ResumableLoader:
     """Iterable over one rank's training batches, `batches_per_epoch` per epoch, resumable mid-epoch."""
 
@@ -72,6 +78,7 @@ class ResumableLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             worker_init_fn=init_worker if self.num_workers > 0 else None,
+            collate_fn=already_collated,
             pin_memory=self.pin_memory,
             persistent_workers=False,  # workers must be re-created to see the new position
         )
