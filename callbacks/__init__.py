@@ -3,6 +3,7 @@
 from callbacks.checkpointing import AtomicModelCheckpoint, is_complete_checkpoint, latest_checkpoint
 from callbacks.k_schedule import KSchedule, ProgressiveTopK
 from callbacks.progress import StepBoundedProgressBar, progress_bar
+from callbacks.rng_state import RNGStateCheckpoint
 from callbacks.routing_image import RoutingImageLogger
 from callbacks.stream_resume import StreamResumeAcrossWorldSizes
 
@@ -10,6 +11,7 @@ __all__ = [
     "AtomicModelCheckpoint",
     "KSchedule",
     "ProgressiveTopK",
+    "RNGStateCheckpoint",
     "RoutingImageLogger",
     "StepBoundedProgressBar",
     "StreamResumeAcrossWorldSizes",

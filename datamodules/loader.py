@@ -81,6 +81,11 @@ class ResumableLoader:
             collate_fn=already_collated,
             pin_memory=self.pin_memory,
             persistent_workers=False,  # workers must be re-created to see the new position
+            # workers' base seed from the position, not from torch's global generator: starting an epoch
+            # then draws nothing from it, so resumed and uninterrupted runs draw alike (callbacks/rng_state)
+            generator=torch.Generator().manual_seed(
+                (self.stream.options.seed * 1_000_003 + epoch) * 1_000_003 + start
+            ),
         )
         for batch in loader:
             self._consumed += 1

@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from callbacks.checkpointing import AtomicModelCheckpoint, latest_checkpoint
 from callbacks.k_schedule import ProgressiveTopK
 from callbacks.progress import progress_bar
+from callbacks.rng_state import RNGStateCheckpoint
 from callbacks.routing_image import RoutingImageLogger
 from callbacks.stream_resume import StreamResumeAcrossWorldSizes
 from gazelit.recipe import Recipe, flat_hparams, resolved_yaml
@@ -158,6 +159,7 @@ def build_callbacks(recipe: Recipe, paths: RunPaths, model: Any) -> list[L.Callb
     callbacks: list[L.Callback] = [
         AtomicModelCheckpoint(paths.checkpoints, recipe.checkpoint.every_n_steps, recipe.checkpoint.keep_last),
         StreamResumeAcrossWorldSizes(),
+        RNGStateCheckpoint(),
         *progress_bar(),
     ]
     if recipe.logging.tensorboard:  # LearningRateMonitor needs a logger
