@@ -6,6 +6,10 @@ the start of the first training batch after a resume, not when the checkpoint is
 from torch's generator in between (seeding the new DataLoader iterator), which the uninterrupted run did
 not do at that point. Rank 0's states are saved (Lightning keeps rank 0's callback states); ranks
 seeded alike and drawing alike, as in data-parallel training, have the same states.
+
+Lightning has the same collection as private helpers (lightning.fabric.utilities.seed._collect_rng_states),
+used for its spawn launcher; it keeps NumPy's state as an ndarray, which `torch.load(weights_only=True)`
+refuses, hence these few lines of our own.
 """
 
 from __future__ import annotations

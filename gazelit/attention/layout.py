@@ -102,7 +102,7 @@ class GazeLayout:
                 kind[i, u.start : u.start + u.num_visual] = VISUAL
                 kind[i, u.start + u.num_visual : s.unit_end[u_idx]] = CONTEXT
                 unit[i, u.start : s.unit_end[u_idx]] = u_idx
-            for group in _region_groups(s.units, region):
+            for group in unit_groups(s.units, region):
                 first = group[0]
                 gh, gw = s.units[first].grid
                 nrh, nrw = math.ceil(gh / region.h), math.ceil(gw / region.w)
@@ -259,7 +259,7 @@ def _take(table: torch.Tensor, positions: torch.Tensor, fill: int) -> torch.Tens
     return torch.where(inside, got, torch.full_like(got, fill))
 
 
-def _region_groups(units: list[Unit], region: RegionShape) -> list[list[int]]:
+def unit_groups(units: list[Unit], region: RegionShape) -> list[list[int]]:
     """Units sharing regions: images alone; frames of one video in runs of `region.t`, in time order."""
     groups: list[list[int]] = []
     videos: dict[int, list[int]] = {}

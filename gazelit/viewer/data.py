@@ -26,6 +26,7 @@ from PIL import Image
 
 from gazelit.analysis.cost import kv_label
 from gazelit.analysis.probes import GenerationMapProbe, require_gaze
+from gazelit.attention.layout import RegionShape, Unit, unit_groups
 
 from datamodules.inference import Prompt, PromptEncoder
 
@@ -117,21 +118,13 @@ def reduce_dense(maps: torch.Tensor, budget: int = DENSE_BUDGET) -> tuple[np.nda
 
 
 def region_groups(units: list[dict[str, Any]], frames_per_region: int) -> list[list[int]]:
-    """For each unit, the units whose tokens share its regions: itself for images; for video frames the
-    run of `frames_per_region` frames (in time order) it belongs to, as the layout groups them."""
+    """For each unit, the units whose tokens share its regions (itself for images, its run of
+    `frames_per_region` frames for video), taken from the layout's own grouping."""
+    as_units = [Unit(i, tuple(u.get("grid", (1, 1))), u["video"], u["time"]) for i, u in enumerate(units)]
     groups: list[list[int]] = [[i] for i in range(len(units))]
-    if frames_per_region <= 1:
-        return groups
-    videos: dict[int, list[int]] = {}
-    for i, u in enumerate(units):
-        if u["video"] >= 0:
-            videos.setdefault(u["video"], []).append(i)
-    for members in videos.values():
-        members.sort(key=lambda i: units[i]["time"])
-        for g in range(0, len(members), frames_per_region):
-            chunk = members[g : g + frames_per_region]
-            for i in chunk:
-                groups[i] = chunk
+    for group in unit_groups(as_units, RegionShape(1, 1, frames_per_region)):
+        for i in group:
+            groups[i] = group
     return groups
 
 
