@@ -13,7 +13,8 @@ index) followed by M learnable context tokens (M may be 0).
 * Text queries attend to: every earlier text token and themselves (causal); the context tokens of every
   unit that precedes the query; and, per query head, the visual tokens of the top-k regions ranked by
   q . descriptor among the regions whose units all precede the query. k is an integer or "all" (None);
-  with fewer than k candidate regions all of them are taken.
+  with fewer than k candidate regions all of them are taken. Equal scores: the lower region index
+  is taken first (on every path and device).
 * Visual queries attend densely and causally, as the base model does.
 * Context-token queries attend only to their own unit: its visual tokens and its own context tokens up
   to themselves.
@@ -22,9 +23,14 @@ index) followed by M learnable context tokens (M may be 0).
 * top-k is not differentiable. Gradients flow through the attention into the queries and the selected
   keys/values; keys of unselected regions receive no gradient from routed queries.
 * Padding tokens are never attended; padding query rows produce meaningless outputs (ignore them).
-  A spatio-temporal region becomes a candidate only once all of its frames precede the query.
+* Candidates. A spatio-temporal region becomes a candidate only once all of its frames (context
+  tokens included) precede the query. Until then its tokens are invisible to text queries, at every k
+  (k = "all" and k = 0 alike): a text token, an image or another video's frames placed between the
+  frames of one region group do not see that group's earlier frames.
 
-With k = "all" and M = 0 this is exactly dense causal attention.
+Dense limit: with k = "all" and M = 0 this is exactly dense causal attention *when no text query lies
+inside a frame group* (between two frames that share regions). Where one does, the candidate clause
+governs and that text does not see the group's earlier frames, so the result differs from dense.
 
 Modules: layout (token roles and regions), routing (descriptors, scores, top-k), reference (exact mask +
 SDPA, the oracle), segmented (CPU fast path, fused flash kernels per segment), flex (GPU fast path,

@@ -64,6 +64,9 @@ class SampleLayout:
     valid: tuple[int, int]  # [first, last + 1) of non-pad tokens
     region_ready: list[int] = field(default_factory=list)
     region_unit: list[int] = field(default_factory=list)  # last unit covered by the region
+    # first position that may see each unit's visual tokens (its frame group's end): a unit grouped with
+    # later frames stays invisible to text until the whole group has ended
+    unit_ready: list[int] = field(default_factory=list)
 
 
 class GazeLayout:
@@ -98,6 +101,7 @@ class GazeLayout:
             tokens_of_region: list[list[int]] = []
             ready: list[int] = []
             last_unit: list[int] = []
+            unit_ready = [0] * len(s.units)
             for u_idx, u in enumerate(s.units):
                 kind[i, u.start : u.start + u.num_visual] = VISUAL
                 kind[i, u.start + u.num_visual : s.unit_end[u_idx]] = CONTEXT
@@ -111,6 +115,8 @@ class GazeLayout:
                 end = max(s.unit_end[u] for u in group)
                 ready.extend([end] * (nrh * nrw))
                 last_unit.extend([max(group)] * (nrh * nrw))
+                for u in group:
+                    unit_ready[u] = end
                 rows = torch.arange(gh).unsqueeze(1) // region.h
                 cols = torch.arange(gw).unsqueeze(0) // region.w
                 local = (rows * nrw + cols).flatten()  # region of each raster token within the unit
@@ -121,6 +127,7 @@ class GazeLayout:
                         tokens_of_region[base + r].append(start + t)
             s.region_ready = ready
             s.region_unit = last_unit
+            s.unit_ready = unit_ready
             per_sample_regions.append(tokens_of_region)
 
         r_max = max((len(r) for r in per_sample_regions), default=0)

@@ -69,7 +69,7 @@ def select_regions(
 
     scores (..., Hq, N, R); available broadcastable to it (bool). Returns (indices, scores) of shape
     (..., Hq, N, kk) with kk = min(k, R); an index is -1 where fewer than k regions are available.
-    k=None selects every available region (in index order).
+    k=None selects every available region (in index order). Equal scores: the lower region index wins.
     """
     r = scores.shape[-1]
     masked = scores.masked_fill(~available, float("-inf"))
@@ -83,7 +83,10 @@ def select_regions(
         top_s, top_i = masked, torch.arange(r, device=scores.device).expand_as(masked)
     else:
         kk = max(int(k), 0)
-        top_s, top_i = masked.topk(kk, dim=-1) if kk else (masked[..., :0], masked[..., :0].long())
+        # Ties go to the lower region index: a stable descending sort keeps index order among equal
+        # scores on every device, which torch.topk does not promise.
+        top_s, top_i = masked.sort(dim=-1, descending=True, stable=True)
+        top_s, top_i = top_s[..., :kk], top_i[..., :kk]
     top_i = torch.where(torch.isinf(top_s) & (top_s < 0), torch.full_like(top_i, -1), top_i)
     if shared:
         lead = scores.shape[:-3]

@@ -79,7 +79,11 @@ def plan_pieces(
                 runs.append((a, z, rule, key_start))
 
         def add_text(a: int, z: int) -> None:
-            routed = top_k is not None and bisect.bisect_right(ready, a) > top_k
+            # A text run sees the plain causal window only if every visual token before it is in a
+            # candidate region (no frame group still open across it) and k covers all candidates.
+            # Both are constant over the run: regions become ready only at unit ends.
+            hidden = any(u.start < a and r > a for u, r in zip(s.units, s.unit_ready))
+            routed = hidden or (top_k is not None and bisect.bisect_right(ready, a) > top_k)
             add(a, z, "routed" if routed else "window", lo)
 
         prev = lo
@@ -290,9 +294,14 @@ class _SegmentedAttention(torch.autograd.Function):
                 mask = _window_mask(p.q1 - p.q0, p.k1 - p.k0, q.dtype, q.device)
             elif p.mode == "routed":
                 mask = _routed_mask(layout, p, route, q.dtype, q.device)
-            grad_rows = grad_t[b, :, rows].contiguous()
-            for a, z in p.overridden:  # rows a later piece recomputes: no gradient through this piece
-                grad_rows[:, :, a - p.q0 : z - p.q0] = 0
+            grad_rows = grad_t[b, :, rows]
+            if p.overridden:  # rows a later piece recomputes: no gradient through this piece
+                # a fresh copy: the incoming gradient is the caller's and is never written
+                grad_rows = grad_rows.clone(memory_format=torch.contiguous_format)
+                for a, z in p.overridden:
+                    grad_rows[:, :, a - p.q0 : z - p.q0] = 0
+            else:
+                grad_rows = grad_rows.contiguous()
             gq, gk, gv = _BWD(
                 grad_rows,
                 q[b, :, rows],
