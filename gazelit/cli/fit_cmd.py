@@ -37,15 +37,20 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides, paths=True)
     except RecipeError as e:
         print(f"gazelit fit: {e}", file=sys.stderr)
         return 2
+    import shlex
+
+    from gazelit.integrity import CheckpointError
     from gazelit.training import RunSetupError, fit
 
+    kept = [o for o in args.overrides if not o.startswith(("resume=", "init_from="))]
+    again = "gazelit fit " + shlex.join([args.recipe, *kept, "resume=auto"])
     try:
-        result = fit(recipe)
-    except RunSetupError as e:
+        result = fit(recipe, continue_command=again)
+    except (RunSetupError, CheckpointError) as e:
         print(f"gazelit fit: {e}", file=sys.stderr)
         return 2
     if result.is_global_zero:

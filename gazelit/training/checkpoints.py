@@ -1,6 +1,9 @@
 """Weights out of training checkpoints: single-file Lightning checkpoints, sharded folders, model directories.
 
-Three kinds of source are read, always without executing pickled code (torch.load with weights_only=True):
+Three kinds of source are read, always without executing pickled code (torch.load with weights_only=True;
+a sharded folder's `.metadata` pickle through gazelit.integrity's restricted unpickler), and every
+checkpoint is verified against its sha256 record first (`verify_checkpoint`): a damaged, empty or foreign
+file is one CheckpointError line naming it, never a torch traceback.
 
 * a Lightning checkpoint file (single device / DDP, or FSDP2 with full state dicts),
 * a sharded torch.distributed.checkpoint (DCP) folder written by ModelParallelStrategy (`.metadata`,
@@ -25,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gazelit.integrity import CheckpointError, read_dcp_metadata, verify_checkpoint
+
 log = logging.getLogger(__name__)
 
 MODULE_PREFIX = "model."  # GazeVLMModule holds the GazeVLM as `self.model`
@@ -47,8 +52,8 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """Everything but the tensors of model and optimiser: hyper_parameters, loops, callbacks, ..."""
     path = Path(path)
     if is_sharded_checkpoint(path):
-        return torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return _load_file(path / LIGHTNING_META)
+    checkpoint = _load_file(path)
     return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
 
 
@@ -72,7 +77,17 @@ def _sharded_model_state(path: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
+    class SafeReader(dcp.FileSystemReader):  # the metadata pickle through the restricted unpickler
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_dcp_metadata(path)
+            if getattr(metadata, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    reader = SafeReader(str(path))
     prefix = "state_dict."
     template = {
         key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -86,7 +101,7 @@ def _sharded_model_state(path: Path) -> dict[str, torch.Tensor]:
     return state["state_dict"]
 
 
-def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+def model_state(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """GazeVLM weights (names as in `GazeVLM.state_dict()`) from any of the three kinds of source."""
     path = Path(path)
     if not path.exists():
@@ -94,14 +109,41 @@ def model_state(path: str | Path) -> dict[str, torch.Tensor]:
     if is_model_dir(path):
         from safetensors.torch import load_file
 
-        return load_file(str(path / "model.safetensors"))
+        try:
+            return load_file(str(path / "model.safetensors"))
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({type(e).__name__}: {e})") from None
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path}: neither a Lightning checkpoint (file or sharded folder) nor a model directory")
+    if verify:
+        checked(path)
     if is_sharded_checkpoint(path):
         state = _sharded_model_state(path)
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     else:
-        raise ValueError(f"{path} is neither a Lightning checkpoint (file or sharded folder) nor a model directory")
+        state = _load_file(path).get("state_dict")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: no state_dict: not a Lightning checkpoint")
     return {k[len(MODULE_PREFIX) :]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
+
+
+def checked(path: str | Path) -> Path:
+    """`verify_checkpoint`, logging its warning for checkpoints without an integrity record."""
+    warning = verify_checkpoint(path)
+    if warning:
+        log.warning(warning)
+    return Path(path)
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a single-file checkpoint, any failure as one CheckpointError line."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a Lightning checkpoint")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- init_from
@@ -168,6 +210,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from gazelit.models.config import ModelConfig
     from gazelit.models.gaze_vlm import GazeVLM
 
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint")
+    checked(checkpoint)
     metadata = checkpoint_metadata(checkpoint)
     hparams = metadata.get("hyper_parameters") or {}
     if "model_config" not in hparams:
@@ -175,7 +220,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             f"{checkpoint}: no model_config in the checkpoint's hyper_parameters; not a GazeVLMModule checkpoint?"
         )
     model = GazeVLM.build(ModelConfig.from_dict(hparams["model_config"]))
-    state = model_state(checkpoint)
+    state = model_state(checkpoint, verify=False)  # verified above
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not _aliases_loaded(model, m, state)]
     if missing or unexpected:

@@ -28,14 +28,17 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from callbacks.checkpointing import AtomicModelCheckpoint, latest_checkpoint
+from callbacks.checkpointing import AtomicModelCheckpoint, checkpoints_newest_first, latest_checkpoint
+from callbacks.interrupt import InterruptReport
 from callbacks.k_schedule import ProgressiveTopK
 from callbacks.progress import progress_bar
 from callbacks.rng_state import RNGStateCheckpoint
 from callbacks.routing_image import RoutingImageLogger
 from callbacks.stream_resume import StreamResumeAcrossWorldSizes
-from gazelit.recipe import Recipe, flat_hparams, resolved_yaml
+from gazelit.integrity import CheckpointError, atomic_write_text, verify_checkpoint
+from gazelit.recipe import Recipe, RecipeError, check_paths, flat_hparams, resolved_yaml
 from gazelit.training.parallel import build_strategy
+from gazelit.training.run_lock import RunLock, RunLockedError
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +100,40 @@ class FitResult:
 
 # ---------------------------------------------------------------------------------------------- pieces
 def resolve_resume(recipe: Recipe, paths: RunPaths) -> Path | None:
-    """`resume: auto` -> the newest complete checkpoint of this run (None: start fresh); a path -> itself."""
+    """`resume: auto` -> the newest checkpoint of this run that verifies (None: start fresh), saying which
+    newer ones it skipped and why; a path -> itself, verified. Damage is a RunSetupError naming the file."""
     if recipe.resume is None:
         return None
     if recipe.resume == "auto":
-        found = latest_checkpoint(paths.checkpoints)
-        if found is None:
+        found = checkpoints_newest_first(paths.checkpoints)
+        if not found:
             log.info("resume: auto found no complete checkpoint in %s; starting from scratch", paths.checkpoints)
-        return found
+            return None
+        skipped = []
+        for path in found:
+            try:
+                _verified(path)
+            except CheckpointError as e:
+                log.warning("resume: auto skips %s: %s", path.name, e)
+                skipped.append(str(e))
+                continue
+            if skipped:
+                log.warning("resume: auto continues from %s, the newest intact checkpoint", path.name)
+            return path
+        raise RunSetupError(f"resume: auto: no intact checkpoint in {paths.checkpoints}: " + "; ".join(skipped))
     path = Path(recipe.resume)
     if not path.exists():
         raise RunSetupError(f"resume: {path} does not exist")
+    try:
+        return _verified(path)
+    except CheckpointError as e:
+        raise RunSetupError(f"resume: {e}") from None
+
+
+def _verified(path: Path) -> Path:
+    warning = verify_checkpoint(path)
+    if warning:
+        log.warning(warning)
     return path
 
 
@@ -139,7 +165,10 @@ def build_module(recipe: Recipe, resume: Path | None):
 
     model = GazeVLM.build(recipe.model)
     if recipe.init_from and resume is None:
-        load_matching_weights(model, recipe.init_from)
+        try:
+            load_matching_weights(model, recipe.init_from)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise RunSetupError(f"init_from: {e}") from None
     elif recipe.init_from:
         log.info(
             "resuming from %s: init_from %s is not applied (the checkpoint holds the weights)", resume, recipe.init_from
@@ -155,9 +184,11 @@ def build_datamodule(recipe: Recipe, model: Any):
     )
 
 
-def build_callbacks(recipe: Recipe, paths: RunPaths, model: Any) -> list[L.Callback]:
+def build_callbacks(recipe: Recipe, paths: RunPaths, model: Any, continue_command: str | None = None) -> list[L.Callback]:
+    continue_command = continue_command or f"gazelit fit {paths.recipe} resume=auto"
     callbacks: list[L.Callback] = [
         AtomicModelCheckpoint(paths.checkpoints, recipe.checkpoint.every_n_steps, recipe.checkpoint.keep_last),
+        InterruptReport(paths.checkpoints, continue_command),
         StreamResumeAcrossWorldSizes(),
         RNGStateCheckpoint(),
         *progress_bar(),
@@ -207,41 +238,66 @@ def build_trainer(recipe: Recipe, paths: RunPaths, strategy: Any, callbacks: lis
 def write_recipe(recipe: Recipe, paths: RunPaths) -> None:
     """The resolved recipe into the run directory (written atomically; rank 0 only)."""
     paths.root.mkdir(parents=True, exist_ok=True)
-    tmp = paths.recipe.with_name(f".{paths.recipe.name}.tmp-{os.getpid()}")
-    tmp.write_text(resolved_yaml(recipe))
-    os.replace(tmp, paths.recipe)
+    atomic_write_text(paths.recipe, resolved_yaml(recipe))
 
 
 # ---------------------------------------------------------------------------------------------- fit
-def fit(recipe: Recipe, extra_callbacks: list[L.Callback] | tuple = ()) -> FitResult:
-    """Train as the recipe says; returns where everything went (complete on rank 0)."""
-    paths = RunPaths.of(recipe)
-    resume = resolve_resume(recipe, paths)
-    check_fresh_run_dir(resume, paths)
-    check_resumable(resume, recipe)
-    if recipe.demo is not None:
-        from gazelit.training.demo import ensure_demo_data
+def fit(
+    recipe: Recipe, extra_callbacks: list[L.Callback] | tuple = (), continue_command: str | None = None
+) -> FitResult:
+    """Train as the recipe says; returns where everything went (complete on rank 0).
 
-        ensure_demo_data(recipe.demo)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every node's first process (file systems may differ)
-        write_recipe(recipe, paths)
-    threads = torch.get_num_threads()
-    if recipe.trainer.torch_threads:
-        torch.set_num_threads(recipe.trainer.torch_threads)
+    The run directory is locked for the whole run (one fit per directory). `continue_command` is what
+    Ctrl-C prints as the way to continue (default: the resolved recipe with resume=auto).
+    """
     try:
-        return _train(recipe, paths, resume, extra_callbacks)
+        check_paths(recipe)
+    except RecipeError as e:
+        raise RunSetupError(str(e)) from None
+    paths = RunPaths.of(recipe)
+    lock = RunLock(paths.root)
+    if _is_first_process():
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            raise RunSetupError(str(e)) from None
+    try:
+        resume = resolve_resume(recipe, paths)
+        check_fresh_run_dir(resume, paths)
+        check_resumable(resume, recipe)
+        if recipe.demo is not None:
+            from gazelit.training.demo import ensure_demo_data
+
+            ensure_demo_data(recipe.demo)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # every node's first process (file systems may differ)
+            write_recipe(recipe, paths)
+        threads = torch.get_num_threads()
+        if recipe.trainer.torch_threads:
+            torch.set_num_threads(recipe.trainer.torch_threads)
+        try:
+            return _train(recipe, paths, resume, extra_callbacks, continue_command)
+        finally:
+            torch.set_num_threads(threads)
     finally:
-        torch.set_num_threads(threads)
+        lock.release()
 
 
-def _train(recipe: Recipe, paths: RunPaths, resume: Path | None, extra_callbacks) -> FitResult:
+def _is_first_process() -> bool:
+    """Global rank 0 (before the process group exists: torchrun/SLURM set RANK, Lightning's own launcher
+    starts the other ranks with LOCAL_RANK > 0)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and int(
+        os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    ) == 0
+
+
+def _train(recipe: Recipe, paths: RunPaths, resume: Path | None, extra_callbacks, continue_command=None) -> FitResult:
     """Model, data, strategy, callbacks, Trainer; fit; export on rank 0."""
     L.seed_everything(recipe.seed, workers=True)  # identical initial weights on every rank (FSDP2 shards them)
     module = build_module(recipe, resume)
     model = module.model
     strategy, module.parallel_plan = build_strategy(recipe.trainer, model.block_classes())
     datamodule = build_datamodule(recipe, model)
-    callbacks = build_callbacks(recipe, paths, model) + list(extra_callbacks)
+    callbacks = build_callbacks(recipe, paths, model, continue_command) + list(extra_callbacks)
     trainer = build_trainer(recipe, paths, strategy, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
 

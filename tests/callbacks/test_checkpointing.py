@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from gazelit.integrity import INTEGRITY_SUFFIX
 from callbacks.checkpointing import TMP_PREFIX, AtomicModelCheckpoint, checkpoint_step, latest_checkpoint
 
 pytestmark = [  # Lightning's own, about this toy setup
@@ -42,7 +43,11 @@ def fit(tmp_path, max_steps, checkpoint, ckpt_path=None):
 
 
 def names(folder):
-    return sorted(p.name for p in folder.iterdir())
+    """Checkpoints and leftovers; each final checkpoint must have its integrity record beside it."""
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.endswith(INTEGRITY_SUFFIX))
+    records = sorted(p.name[: -len(INTEGRITY_SUFFIX)] for p in folder.glob("*" + INTEGRITY_SUFFIX))
+    assert records == [n for n in entries if not n.startswith(TMP_PREFIX)]
+    return entries
 
 
 def test_every_n_steps_keeps_the_last_k_and_saves_the_final_step(tmp_path):
@@ -85,9 +90,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint_and_resume_skips_the
     assert previous["global_step"] == 2  # intact and loadable
     assert latest_checkpoint(folder) == folder / "step=000002.ckpt"
 
-    # resuming from it cleans the leftover and goes on; the checkpoint resumed from is not deleted by keep_last
+    # resuming from it cleans the leftover and goes on; keep_last holds after a resume too (the checkpoint
+    # resumed from is pruned like the others: Lightning alone would keep K + 1)
     fit(tmp_path, 6, AtomicModelCheckpoint(folder, every_n_steps=2, keep_last=1), ckpt_path=folder / "step=000002.ckpt")
-    assert names(folder) == ["step=000002.ckpt", "step=000006.ckpt"]
+    assert names(folder) == ["step=000006.ckpt"]
 
 
 def test_latest_checkpoint_ignores_temporary_and_incomplete_sharded_entries(tmp_path):

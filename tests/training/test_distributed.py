@@ -89,9 +89,15 @@ def runs(tmp_path_factory):
 
 
 def test_killed_run_left_only_its_sharded_step_checkpoint(runs):
-    assert runs["killed_checkpoints"] == [f"step={KILL_AT:06d}.ckpt"]
+    assert runs["killed_checkpoints"] == [f"step={KILL_AT:06d}.ckpt", f"step={KILL_AT:06d}.ckpt.sha256.json"]
     shards = sorted(p.name for p in runs["b_step3"].iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    # each rank hashed its own shard; rank 0 wrote the merged record, which verifies
+    from gazelit.integrity import integrity_file, verify_checkpoint
+
+    record = json.loads(integrity_file(runs["b_step3"]).read_text())
+    assert sorted(record["files"]) == shards
+    assert verify_checkpoint(runs["b_step3"]) is None
 
 
 def test_resumed_fsdp2_run_equals_the_uninterrupted_run_exactly(runs):

@@ -51,7 +51,9 @@ def test_run_directory_holds_recipe_checkpoints_logs_picture_and_model(runs):
     p = result.paths
     saved = yaml.safe_load(p.recipe.read_text())
     assert saved["run"]["name"] == "A" and saved["trainer"]["max_steps"] == 4 and saved["model"]["gaze"]["top_k"] == 4
-    assert sorted(x.name for x in p.checkpoints.iterdir()) == ["step=000002.ckpt", "step=000004.ckpt"]
+    assert sorted(x.name for x in p.checkpoints.iterdir()) == [
+        "step=000002.ckpt", "step=000002.ckpt.sha256.json", "step=000004.ckpt", "step=000004.ckpt.sha256.json"
+    ]
     assert result.last_checkpoint == p.checkpoints / "step=000004.ckpt"
     assert list(p.tensorboard.glob("events.out.tfevents.*"))
     assert result.routing_picture == p.routing / "step=000004.png" and (p.routing / "latest.png").is_file()
@@ -91,7 +93,7 @@ def test_tensorboard_has_losses_lr_per_group_k_fraction_throughput_skips_hparams
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(runs):
     a, b, c = (runs["recorded"][name].steps for name in "ABC")
-    assert runs["killed"] == ["step=000002.ckpt"]
+    assert runs["killed"] == ["step=000002.ckpt", "step=000002.ckpt.sha256.json"]
     assert [s["step"] for s in b] == [0, 1] and [s["step"] for s in c] == [2, 3]
     assert [s["ids"] for s in b + c] == [s["ids"] for s in a]  # the data position
     assert [s["k"] for s in b + c] == [s["k"] for s in a] == [None, None, 10, 4]
