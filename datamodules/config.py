@@ -43,5 +43,20 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples (with their media bytes) held per worker and source
     shuffle_window_shards: int = 4  # shards read together and shuffled; bounds the cost of resuming
 
-    max_skip_fraction: float = 0.05  # per worker; >= 1 disables the guard
-    skip_check_min_samples: int = 200  # draws before the guard is checked
+    max_skip_fraction: float = 0.05  # per worker and per rank over the whole run; >= 1 disables the guard
+    skip_check_min_samples: int = 200  # the fraction applies to at least this many draws (early tolerance)
+
+    # shards are checked against the manifest at start: "size" (default), "hash" (sha256, reads every
+    # shard once), or "none"; damaged shards are refused ("refuse") or left out and counted as lost ("skip")
+    verify: str = "size"
+    damaged_shards: str = "refuse"
+
+    def __post_init__(self):
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"data.verify must be one of {VERIFY_MODES}, got {self.verify!r}")
+        if self.damaged_shards not in DAMAGED_SHARD_POLICIES:
+            raise ValueError(f"data.damaged_shards must be one of {DAMAGED_SHARD_POLICIES}, got {self.damaged_shards!r}")
+
+
+VERIFY_MODES = ("size", "hash", "none")
+DAMAGED_SHARD_POLICIES = ("refuse", "skip")

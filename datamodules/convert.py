@@ -14,6 +14,8 @@ import argparse
 import io
 import json
 import multiprocessing
+import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from webdataset import TarWriter
 
 from datamodules import media
 from datamodules.manifest import MANIFEST_NAME, Manifest, ShardEntry, SkippedRecord
+from gazelit.integrity import sha256_file
 from datamodules.paths import PathEscape, ensure_inside, resolve_media_path
 from datamodules.records import (
     IMAGE_EXTENSIONS,
@@ -141,7 +144,7 @@ def prepare_record(
         members["json"] = json.dumps(record, ensure_ascii=False).encode("utf-8")
         return PreparedSample(key=f"{line_no:09d}", members=members)
     except _Skip as skip:
-        return SkippedRecord(line=line_no, reason=skip.reason, detail=skip.detail[:300], id=record_id)
+        return SkippedRecord(line=line_no, reason=skip.reason, detail=stable_detail(skip.detail)[:300], id=record_id)
 
 
 def _load_media(
@@ -243,6 +246,15 @@ def _prepared_records(jsonl: Path, prepare, workers: int) -> Iterator[PreparedSa
                 yield from pool.imap(prepare, lines, chunksize=8)
 
 
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def stable_detail(detail: str) -> str:
+    """An error message without memory addresses (`<_io.BytesIO object at 0x7f...>` -> `<_io.BytesIO>`),
+    so that identical input gives a byte-identical manifest."""
+    return _OBJECT_REPR.sub(r"<\1>", detail)
+
+
 class _ShardWriter:
     """Writes prepared samples into numbered tar shards of at most `shard_size` samples."""
 
@@ -269,8 +281,13 @@ class _ShardWriter:
     def _finish_shard(self) -> None:
         if self._tar is not None:
             self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
-            self.manifest.shards.append(ShardEntry(name=self._name, samples=self._count))
+            path = self.out / self._name
+            self.manifest.shards.append(
+                ShardEntry(name=self._name, samples=self._count, bytes=path.stat().st_size, sha256=sha256_file(path))
+            )
         self._file, self._tar, self._count = None, None, 0
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ optimizers are configured, so resuming still works when `configure_optimizers` r
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -21,10 +22,12 @@ from datamodules.chat import ChatEncoder
 from datamodules.collate import Collator
 from datamodules.config import DataConfig, SourceConfig
 from datamodules.loader import ResumableLoader, already_collated, init_worker
+from datamodules.manifest import DamagedShardsError, Manifest, check_shards
 from datamodules.samples import ImageTransform, SampleProcessor
 from datamodules.shards import ShardSource
 from datamodules.stream import GazeStream, StreamOptions
 
+log = logging.getLogger(__name__)
 
 class GazeDataModule(L.LightningDataModule):
     def __init__(
@@ -51,6 +54,8 @@ class GazeDataModule(L.LightningDataModule):
         self._processor: SampleProcessor | None = None
         self._train_loader: ResumableLoader | None = None
         self._pending_stream_state: dict[str, Any] | None = None
+        self._sources_cache: dict = {}
+        self.lost_samples: dict[str, int] = {}  # shard directory -> samples of damaged shards left out
 
     # ------------------------------------------------------------------------------------ pieces
     @property
@@ -92,9 +97,33 @@ class GazeDataModule(L.LightningDataModule):
             skip_check_min_samples=cfg.skip_check_min_samples,
         )
 
-    @staticmethod
-    def shard_sources(configs: list[SourceConfig]) -> list[ShardSource]:
-        return [ShardSource.from_manifest(c.path, c.weight, c.name) for c in configs]
+    def shard_sources(self, configs: list[SourceConfig]) -> list[ShardSource]:
+        """Sources from their manifests, every shard checked against its record (`data.verify`). Damaged
+        shards are refused, naming every one, or with `data.damaged_shards: skip` left out: their samples
+        are counted as lost (`self.lost_samples`) and the stream positions stay exact."""
+        key = tuple((c.path, c.weight, c.name) for c in configs)
+        if key in self._sources_cache:
+            return self._sources_cache[key]
+        cfg = self.config
+        sources = []
+        for c in configs:
+            manifest = Manifest.load(c.path)
+            damaged = {} if cfg.verify == "none" else check_shards(manifest, hashes=cfg.verify == "hash")
+            if damaged:
+                listing = "; ".join(f"{name}: {why}" for name, why in damaged.items())
+                if cfg.damaged_shards == "refuse":
+                    raise DamagedShardsError(
+                        f"{manifest.directory}: {len(damaged)} shard(s) differ from the manifest ({listing}); "
+                        "restore them, or set data.damaged_shards=skip to train without them"
+                    )
+                lost = sum(s.samples for s in manifest.shards if s.name in damaged)
+                self.lost_samples[str(manifest.directory)] = lost
+                log.warning("%s: leaving out %d damaged shard(s), %d samples lost: %s",
+                            manifest.directory, len(damaged), lost, listing)  # fmt: skip
+                manifest.shards = [s for s in manifest.shards if s.name not in damaged]
+            sources.append(ShardSource.from_loaded_manifest(manifest, c.weight, c.name))
+        self._sources_cache[key] = sources
+        return sources
 
     @property
     def batches_per_epoch(self) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from datamodules.skips import SkipTally
 from datamodules.stream import GazeStream
 
 STATE_VERSION = 1
@@ -55,6 +56,12 @@ class ResumableLoader:
         self._consumed = 0
         self._started = False  # an epoch has begun yielding since construction / the last load
         self._pending: tuple[int, int] | None = None
+        # this rank's draws and skips over the whole run (every epoch, across resumes): the skip guard
+        # that per-worker tallies, which restart with every epoch, cannot be
+        opts = stream.options
+        self.run_skips: SkipTally | None = SkipTally(
+            opts.max_skip_fraction, opts.skip_check_min_samples, where="(this rank, whole run)"
+        )
 
     def __len__(self) -> int:
         return int(self.stream.batches_per_epoch)  # type: ignore[arg-type]
@@ -89,6 +96,8 @@ class ResumableLoader:
         )
         for batch in loader:
             self._consumed += 1
+            if self.run_skips is not None and "draws" in batch:
+                self.run_skips.add_batch(batch["draws"], batch.get("skipped") or {}, batch.get("skipped_shards") or {})
             yield batch
 
     def _begin_epoch(self) -> tuple[int, int]:
@@ -123,6 +132,7 @@ class ResumableLoader:
             "epoch": epoch,
             "batches_consumed": consumed,
             "batches_per_epoch": len(self),
+            "run_skips": self.run_skips.state() if self.run_skips is not None else {},
             **self._settings(),
         }
 
@@ -140,6 +150,8 @@ class ResumableLoader:
                 f"({details}). Resume with the same settings, or start the epoch over without the loader state."
             )
         self._pending = (int(state["epoch"]), int(state["batches_consumed"]))
+        if self.run_skips is not None and state.get("run_skips"):
+            self.run_skips.load(state["run_skips"])
 
 
 def _normalise(value: Any) -> Any:

@@ -19,6 +19,32 @@ MANIFEST_VERSION = 1
 class ShardEntry:
     name: str  # file name relative to the manifest's directory
     samples: int
+    bytes: int | None = None  # size and hash as written (None in manifests of older gazelit versions)
+    sha256: str | None = None
+
+
+class DamagedShardsError(ValueError):
+    """Shards whose size (or hash) differs from the manifest's record."""
+
+
+def check_shards(manifest: Manifest, hashes: bool = False) -> dict[str, str]:
+    """{shard name: what is wrong} for every shard that is missing or whose size (and, with `hashes`,
+    sha256) differs from the manifest. Shards without a record are not checked."""
+    from gazelit.integrity import sha256_file
+
+    assert manifest.directory is not None
+    damaged = {}
+    for shard in manifest.shards:
+        path = manifest.directory / shard.name
+        if not path.is_file():
+            damaged[shard.name] = "missing"
+            continue
+        size = path.stat().st_size
+        if shard.bytes is not None and size != shard.bytes:
+            damaged[shard.name] = f"{size} bytes, {shard.bytes} written"
+        elif hashes and shard.sha256 is not None and sha256_file(path) != shard.sha256:
+            damaged[shard.name] = "sha256 differs from the one written"
+    return damaged
 
 
 @dataclass(frozen=True)
@@ -55,14 +81,16 @@ class Manifest:
             "source": self.source,
             "num_samples": self.num_samples,
             "num_shards": len(self.shards),
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [{k: v for k, v in asdict(s).items() if v is not None} for s in self.shards],
             "skipped_by_reason": self.skipped_by_reason,
             "skipped": [asdict(r) for r in self.skipped],
         }
 
     def save(self, directory: Path) -> Path:
+        from gazelit.integrity import atomic_write_text
+
         path = Path(directory) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
         self.directory = Path(directory)
         return path
 

@@ -31,6 +31,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from datamodules.manifest import Manifest
 
 RawSample = dict[str, Any]
+LOST = "__lost__"  # key of a placeholder for a sample a shard failed to deliver
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,10 @@ class ShardSource:
 
     @classmethod
     def from_manifest(cls, path: str | Path, weight: float = 1.0, name: str = "") -> ShardSource:
-        manifest = Manifest.load(path)
+        return cls.from_loaded_manifest(Manifest.load(path), weight, name)
+
+    @classmethod
+    def from_loaded_manifest(cls, manifest: Manifest, weight: float = 1.0, name: str = "") -> ShardSource:
         assert manifest.directory is not None
         return cls(
             name=name or manifest.directory.name,
@@ -118,8 +122,12 @@ class SourceReader:
                 skip -= size  # the whole window was consumed before: not even opened
             else:
                 shards_without_samples += len(window)
-                for sample in self._read_window(window, window_index):
-                    shards_without_samples = 0
+                seen: dict[str, int] = {}
+                for sample in itertools.chain(self._read_window(window, window_index), self._lost(window, seen)):
+                    if LOST not in sample:
+                        shards_without_samples = 0
+                        url = str(sample.get("__url__", ""))
+                        seen[url] = seen.get(url, 0) + 1
                     if skip:
                         skip -= 1
                         continue
@@ -127,6 +135,15 @@ class SourceReader:
                 if shards_without_samples > len(self.source.paths):  # a whole pass gave nothing
                     raise RuntimeError(f"no shard of source {self.source.name!r} could be read")
             window_index += 1
+
+    def _lost(self, window: list[int], seen: dict[str, int]) -> Iterator[RawSample]:
+        """After a window: one placeholder per sample its shards should have held but did not yield
+        (unreadable, truncated, deleted). Positions stay those of the manifest, so the stream (and a resume)
+        stays exact, and each lost sample is counted as one skip."""
+        for s in window:
+            url = self.source.paths[s]
+            for _ in range(max(0, self.source.counts[s] - seen.get(url, 0))):
+                yield {LOST: True, "__url__": url}
 
     def _read_window(self, window: list[int], window_index: int) -> Iterator[RawSample]:
         files = tar_file_expander(self._open_shards(window), handler=self._handle_error)
@@ -152,6 +169,7 @@ class SourceReader:
                 yield {"url": url, "stream": stream}
 
     def _handle_error(self, exc: Exception) -> bool:
+        """Read errors are reported (logged); the samples they cost are counted by `_lost`."""
         url = next((a for a in reversed(exc.args) if isinstance(a, str) and a.endswith(".tar")), "?")
         self.on_shard_error(url, exc)
         return True  # keep going with the next shard

@@ -10,6 +10,7 @@ has been skipped.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 # Reasons the training stream skips a sample (stable strings: they become metric names).
 DECODE_ERROR = "decode_error"  # corrupt or unreadable image
@@ -46,11 +47,19 @@ class SkipFractionExceeded(RuntimeError):
     """Too many samples of a stream were skipped; the message names the reasons and the shards involved."""
 
 
-class SkipTally:
-    """Counts draws and skips of one worker; checks the skip fraction against a limit.
+@dataclass
+class SinceLastBatch:
+    draws: int
+    by_reason: dict[str, int]
+    by_shard: dict[str, int]
 
-    `max_fraction` >= 1 disables the guard. The check only starts after `min_draws` draws so that a
-    couple of bad samples at the start of a stream do not trip it.
+
+class SkipTally:
+    """Counts draws and skips (of one worker, or of a whole run); checks the skip fraction against a limit.
+
+    `max_fraction` >= 1 disables the guard. It is checked from the first draw: it trips once the skips
+    exceed `max_fraction * max(draws, min_draws)`, so a few bad samples at the start of a stream (up to
+    the fraction of `min_draws`) are tolerated and a stream that starts with many is stopped at once.
     """
 
     def __init__(self, max_fraction: float, min_draws: int, where: str = ""):
@@ -61,33 +70,54 @@ class SkipTally:
         self.skips: Counter[str] = Counter()
         self.skips_by_shard: Counter[str] = Counter()
         self._since_last_batch: Counter[str] = Counter()
+        self._shards_since: Counter[str] = Counter()
+        self._draws_since = 0
 
     @property
     def skipped(self) -> int:
         return sum(self.skips.values())
 
-    def record_good(self) -> None:
-        self.draws += 1
+    def record_good(self, count: int = 1) -> None:
+        self.draws += count
+        self._draws_since += count
 
-    def record_skip(self, reason: str, shard: str) -> None:
-        self.draws += 1
-        self.skips[reason] += 1
-        self.skips_by_shard[shard] += 1
-        self._since_last_batch[reason] += 1
+    def record_skip(self, reason: str, shard: str, count: int = 1) -> None:
+        self.draws += count
+        self._draws_since += count
+        self.skips[reason] += count
+        self.skips_by_shard[shard] += count
+        self._since_last_batch[reason] += count
+        self._shards_since[shard] += count
         self.check()
 
-    def take_since_last_batch(self) -> dict[str, int]:
-        """Counts by reason since the previous call; resets them."""
-        out = dict(self._since_last_batch)
+    def take_since_last_batch(self) -> SinceLastBatch:
+        """Draws, and skips by reason and by shard, since the previous call; resets them."""
+        out = SinceLastBatch(self._draws_since, dict(self._since_last_batch), dict(self._shards_since))
         self._since_last_batch.clear()
+        self._shards_since.clear()
+        self._draws_since = 0
         return out
 
     def check(self) -> None:
-        if self.max_fraction >= 1 or self.draws < self.min_draws:
+        if self.max_fraction >= 1:
             return
-        fraction = self.skipped / self.draws
-        if fraction > self.max_fraction:
-            raise SkipFractionExceeded(self.describe(fraction))
+        if self.skipped > self.max_fraction * max(self.draws, self.min_draws):
+            raise SkipFractionExceeded(self.describe())
+
+    def add_batch(self, draws: int, by_reason: dict[str, int], by_shard: dict[str, int]) -> None:
+        """Fold in one batch's counts (the run-level guard in the main process) and check."""
+        self.draws += draws
+        self.skips.update(by_reason)
+        self.skips_by_shard.update(by_shard)
+        self.check()
+
+    def state(self) -> dict:
+        return {"draws": self.draws, "skips": dict(self.skips), "skips_by_shard": dict(self.skips_by_shard)}
+
+    def load(self, state: dict) -> None:
+        self.draws = int(state.get("draws", 0))
+        self.skips = Counter(state.get("skips", {}))
+        self.skips_by_shard = Counter(state.get("skips_by_shard", {}))
 
     def describe(self, fraction: float | None = None) -> str:
         fraction = self.skipped / max(self.draws, 1) if fraction is None else fraction
@@ -95,7 +125,7 @@ class SkipTally:
         more = len(self.skips_by_shard) - 10
         return (
             f"{self.skipped} of {self.draws} samples skipped ({fraction:.1%}) {self.where}, above "
-            f"max_skip_fraction={self.max_fraction}; by reason {dict(self.skips)}; shards with skips: {shards}"
+            f"max_skip_fraction={self.max_fraction}; by reason {dict(self.skips)}; worst shards: {shards}"
             + (f" and {more} more" if more > 0 else "")
         )
 

@@ -17,6 +17,8 @@ Skipped samples are counted per reason in every batch (`batch["skipped"]`) and b
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +29,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.collate import Collator
 from datamodules.samples import ProcessedSample, SampleProcessor
-from datamodules.shards import MixedDraws, RawSample, ShardSource, SourceReader
+from datamodules.shards import LOST, MixedDraws, RawSample, ShardSource, SourceReader
 from datamodules.skips import SHARD_ERROR, SkipFractionExceeded, SkipSample, SkipTally
+
+log = logging.getLogger(__name__)
+
+
+def stable_message(exc: Exception) -> str:
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", str(exc))[:300]
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class GazeStream(IterableDataset):
             else:
                 filler = last_good or self._look_ahead(run, draws, ahead)
                 good = [dataclasses.replace(filler, meta={**filler.meta, "filler": True})]
-            yield self.collator(good, run.tally.take_since_last_batch())
+            yield run.batch(good)
 
     def _look_ahead(self, run: _WorkerRun, draws: Iterator, ahead: deque) -> ProcessedSample:
         """The next good sample of the stream, keeping every result looked at for its own turn."""
@@ -134,7 +142,7 @@ class GazeStream(IterableDataset):
         while chunk := list(islice(draws, self.options.batch_size)):
             good = [s for s in map(run.process, chunk) if s is not None]
             if good:
-                yield self.collator(good, run.tally.take_since_last_batch())
+                yield run.batch(good)
 
 
 class _WorkerRun:
@@ -158,10 +166,14 @@ class _WorkerRun:
             for index, source in enumerate(stream.sources)
         ]
         self.draws = MixedDraws(readers, opts.seed, stream.epoch, slot, repeat)
+        self._reported: set[str] = set()
 
     def process(self, draw: tuple[int, RawSample]) -> ProcessedSample | None:
         source_index, raw = draw
         source = self.stream.sources[source_index]
+        if LOST in raw:  # a sample its shard failed to deliver: one skip, at its manifest position
+            self.tally.record_skip(SHARD_ERROR, _shard_name(raw))
+            return None
         try:
             sample = self.stream.processor(raw, source.name)
         except SkipSample as skip:
@@ -170,8 +182,20 @@ class _WorkerRun:
         self.tally.record_good()
         return sample
 
+    def batch(self, samples: list[ProcessedSample]) -> dict[str, Any]:
+        """Collate, attaching the draws and skips (by reason and by shard) since the previous batch."""
+        since = self.tally.take_since_last_batch()
+        batch = self.stream.collator(samples, since.by_reason)
+        batch["draws"] = since.draws
+        batch["skipped_shards"] = since.by_shard
+        return batch
+
     def _on_shard_error(self, url: str, exc: Exception) -> None:
-        self.tally.record_skip(SHARD_ERROR, url)
+        # counted per lost sample when the window ends (datamodules.shards); here only reported
+        if url not in self._reported:
+            self._reported.add(url)
+            log.warning("shard %s: %s: %s (its unread samples are skipped as shard_error)", url,
+                        type(exc).__name__, stable_message(exc))  # fmt: skip
 
 
 def _shard_name(raw: RawSample) -> str:
