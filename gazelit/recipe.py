@@ -139,8 +139,9 @@ class RecipeError(ValueError):
     """A recipe that does not match the schema, with the key, the file and the closest valid key."""
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge (extends, overrides), validate and resolve a recipe."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), paths: bool = False) -> Recipe:
+    """Read, merge (extends, overrides), validate and resolve a recipe; with `paths`, also check that the
+    data, init_from and resume paths exist (`check_paths`)."""
     layers = [(str(p), cfg) for p, cfg in _read_with_bases(Path(path))]
     if overrides:
         layers.append(("command line", _dotlist(overrides)))
@@ -157,6 +158,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as e:
         raise _recipe_error(e, str(path)) from None
     validate(recipe)
+    if paths:
+        check_paths(recipe)
     return recipe
 
 
@@ -178,7 +181,79 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError(f"trainer.strategy.name must be one of {names}, got {recipe.trainer.strategy.name!r}")
     if recipe.checkpoint.keep_last < 1:
         raise RecipeError("checkpoint.keep_last must be >= 1")
+    _check_values(recipe)
     return recipe
+
+
+def _check_values(recipe: Recipe) -> None:
+    """Numbers that parse but cannot train: each a RecipeError naming its key."""
+    o, d, t = recipe.train.optim, recipe.data, recipe.trainer
+    rules = [
+        ("train.optim.lr_projector", o.lr_projector, o.lr_projector > 0, "> 0"),
+        ("train.optim.lr_llm", o.lr_llm, o.lr_llm > 0, "> 0"),
+        ("train.optim.lr_vision", o.lr_vision, o.lr_vision > 0, "> 0"),
+        ("train.optim.lr_context", o.lr_context, o.lr_context is None or o.lr_context > 0, "> 0"),
+        ("train.optim.warmup_steps", o.warmup_steps, o.warmup_steps is None or o.warmup_steps >= 0, ">= 0"),
+        ("data.batch_size", d.batch_size, d.batch_size >= 1, ">= 1"),
+        ("data.val_batch_size", d.val_batch_size, d.val_batch_size is None or d.val_batch_size >= 1, ">= 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.max_length", d.max_length, d.max_length >= 1, ">= 1"),
+        ("data.max_skip_fraction", d.max_skip_fraction, 0 <= d.max_skip_fraction <= 1, "in [0, 1]"),
+        ("data.skip_check_min_samples", d.skip_check_min_samples, d.skip_check_min_samples >= 1, ">= 1"),
+        ("trainer.devices", t.devices, not isinstance(t.devices, int) or t.devices >= 1, ">= 1 (or 'auto')"),
+        ("trainer.num_nodes", t.num_nodes, t.num_nodes >= 1, ">= 1"),
+        ("trainer.accumulate_grad_batches", t.accumulate_grad_batches, t.accumulate_grad_batches >= 1, ">= 1"),
+        ("trainer.log_every_n_steps", t.log_every_n_steps, t.log_every_n_steps >= 1, ">= 1"),
+        ("trainer.val_check_interval", t.val_check_interval, t.val_check_interval is None or t.val_check_interval >= 1,
+         ">= 1 (or null: every epoch)"),
+        ("checkpoint.every_n_steps", recipe.checkpoint.every_n_steps, recipe.checkpoint.every_n_steps > 0, "> 0"),
+        ("logging.routing_image_every_n_steps", recipe.logging.routing_image_every_n_steps,
+         recipe.logging.routing_image_every_n_steps >= 0, ">= 0 (0: never)"),
+    ]  # fmt: skip
+    for key, value, ok, want in rules:
+        if not ok:
+            raise RecipeError(f"{key} must be {want}, got {value!r}")
+    _warn_top_k_above_one_unit(recipe)
+
+
+def _warn_top_k_above_one_unit(recipe: Recipe) -> None:
+    """k above the regions of one unit is legal (a video or several images offer more candidates), but
+    for single-image data it means dense attention: say so."""
+    import logging
+
+    from gazelit.attention import parse_top_k
+    from gazelit.training.shapes import derive_shapes
+
+    k = parse_top_k(recipe.model.gaze.top_k)
+    if k is None or not recipe.model.gaze.enabled:
+        return
+    try:
+        regions = derive_shapes(recipe).regions_per_unit
+    except Exception:  # shapes of a pretrained backbone not known without its config: nothing to compare
+        return
+    if regions is not None and k > regions:
+        logging.getLogger(__name__).warning(
+            "model.gaze.top_k=%d is above the %d regions of one unit: a single image is attended densely "
+            "(units with several frames or images offer more candidates)", k, regions,
+        )
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Data, init_from and resume paths exist (demo data under demo.out is generated at fit start).
+    `fit` calls this before building anything; `gazelit validate` too, unless told `--offline` (a cluster
+    recipe checked on a laptop)."""
+    generated = Path(recipe.demo.out).resolve() if recipe.demo is not None else None
+    for group in ("sources", "val_sources", "test_sources"):
+        for i, source in enumerate(getattr(recipe.data, group)):
+            path = Path(source.path)
+            if generated is not None and (path.resolve() == generated or generated in path.resolve().parents):
+                continue
+            if not path.exists():
+                raise RecipeError(f"data.{group}[{i}].path: {path} does not exist")
+    for key in ("init_from", "resume"):
+        value = getattr(recipe, key)
+        if value and value != "auto" and not Path(value).exists():
+            raise RecipeError(f"{key}: {value} does not exist")
 
 
 def resolved_yaml(recipe: Recipe) -> str:

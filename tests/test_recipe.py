@@ -61,3 +61,68 @@ def test_missing_base_and_cycles_are_reported(tmp_path):
         load_recipe(a)
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(write(tmp_path, "c.yaml", "extends: nowhere.yaml\n"))
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.optim.lr_llm=-1e-4", "train.optim.lr_llm"),
+        ("train.optim.lr_projector=0", "train.optim.lr_projector"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps"),
+        ("train.optim.warmup_steps=-1", "train.optim.warmup_steps"),
+        ("data.max_skip_fraction=1.5", "data.max_skip_fraction"),
+        ("data.max_skip_fraction=-0.1", "data.max_skip_fraction"),
+        ("model.vision.family=vit", "model.vision.family"),
+        ("model.projector.kind=linear", "model.projector.kind"),
+        ("model.gaze.impl=fast", "model.gaze.impl"),
+        ("model.llm.config.model_type=gpt9", "model.llm.config.model_type"),
+        ("data.sources=[{path: /no/such/shards}]", "data.sources[0].path"),
+        ("init_from=/no/such/checkpoint.ckpt", "init_from"),
+    ],
+)
+def test_values_that_cannot_train_are_rejected_naming_the_key(tmp_path, override, key, capsys):
+    from gazelit.cli import main
+
+    base = write(tmp_path, "base.yaml", BASE)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(base, [override], paths=True)
+    assert key in str(error.value) and "\n" not in str(error.value)
+    assert main(["validate", str(base), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0]
+
+
+def test_component_names_match_the_registries():
+    from gazelit.models.config import GAZE_IMPLS, PROJECTOR_KINDS, VISION_FAMILY_NAMES
+    from gazelit.models.projectors import PROJECTORS
+    from gazelit.models.vision import VISION_FAMILIES
+    from gazelit.attention.context import IMPLEMENTATIONS
+
+    assert set(VISION_FAMILY_NAMES) == set(VISION_FAMILIES)
+    assert set(PROJECTOR_KINDS) == set(PROJECTORS)
+    assert set(GAZE_IMPLS) == set(IMPLEMENTATIONS)
+
+
+def test_top_k_above_one_unit_is_a_warning(tmp_path, caplog):
+    import logging
+
+    base = write(tmp_path, "base.yaml", BASE)
+    overrides = ["model.vision.config={hidden_size: 32, image_size: 64, patch_size: 16}", "model.gaze.region=[2,2]",
+                 "model.gaze.top_k=9"]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        recipe = load_recipe(base, overrides)
+    assert recipe.model.gaze.top_k == 9
+    assert "above the 4 regions of one unit" in caplog.text
+
+
+def test_validate_offline_skips_the_path_check_and_fit_does_not(tmp_path, capsys):
+    from gazelit.cli import main
+
+    base = write(tmp_path, "base.yaml", BASE + "data: {sources: [{path: /cluster/only/shards}]}\n")
+    assert main(["validate", "--offline", "--quiet", str(base)]) == 0
+    assert main(["validate", "--quiet", str(base)]) == 2
+    assert main(["fit", str(base)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "gazelit fit: data.sources[0].path: /cluster/only/shards does not exist"

@@ -42,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from gazelit.eval.runner import evaluate
 
     scorer = OCRBenchScorer(exact=args.exact) if args.bench == "ocrbench" else get_scorer(args.bench)
-    samples = load_benchmark(args.data, args.media_root, args.limit)
+    try:
+        samples = load_benchmark(args.data, args.media_root, args.limit)
+        scorer.check_samples(samples, str(args.data))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"gazelit eval: {e}", file=sys.stderr)
+        return 2
     model = model_from_args(args)
 
     def progress(done: int, total: int) -> None:

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     parser.add_argument("--quiet", action="store_true", help="print the shapes only, not the resolved YAML")
+    parser.add_argument("--offline", action="store_true",
+                        help="do not check that data, init_from and resume paths exist (a cluster recipe checked "
+                             "elsewhere)")
     parser.set_defaults(func=run)
 
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from gazelit.training.shapes import derive_shapes
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides, paths=not args.offline)
     except RecipeError as e:
         print(f"gazelit validate: {e}", file=sys.stderr)
         return 2

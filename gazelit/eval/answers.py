@@ -5,8 +5,11 @@ sample. Sources of the rules (Cambrian-1 `eval/eval/<bench>/<bench>_test.py`, an
 answer processing for TextVQA):
 
   exact_match          GQA, MME: prediction lower-cased, trailing '.' removed, equal to the lower-cased answer
-  extract_choice       MMBench / MMVP / ScienceQA: lower-case, keep what follows "answer is" / "answer:",
+  extract_choice       MMVP / ScienceQA: lower-case, keep what follows "answer is" / "answer:",
                        strip '.:,' and brackets
+  choice_letter        MMBench / mc / video_mc: a letter only from answer forms ("B", "(B)", "B.", "B)",
+                       "Option B", "The answer is B"), else the option whose text the answer is (our rule:
+                       Cambrian takes the first character, which reads "bird" as option B)
   relaxed_match        ChartQA: both numbers -> |pred - gt| <= 5% of |gt| (inclusive); else equal strings
   vqa_normalize        TextVQA: the EvalAI answer processor (punctuation, number words, articles, contractions)
   vqa_soft_accuracy    TextVQA: mean over the leave-one-out subsets of the human answers of
@@ -58,9 +61,31 @@ def letter_of(answer: str | int, options: list[str] | None = None) -> str:
     raise ValueError(f"cannot read an option letter from answer {answer!r}")
 
 
-def choice_match(prediction: str, letter: str) -> bool:
-    """MMBench / generic multiple choice: the first character of the extracted choice is the letter."""
-    return extract_choice(prediction) == letter.lower()
+_LETTER_FORMS = re.compile(r"^(?:option\s+)?\(?([a-z])\)?(?:[.):,]|$)")
+
+
+def choice_letter(prediction: str, options: list[str] | None = None) -> str | None:
+    """The option letter a prediction chooses, upper-case, or None.
+
+    A letter is read only from answer forms: "B", "(B)", "B.", "B)", "B: ...", "Option B", "The answer is
+    B". Anything else is matched against the option texts ("bird" is the option "bird", never option B
+    because it starts with a b).
+    """
+    text = _after_answer_keyword(prediction).strip()
+    match = _LETTER_FORMS.match(text)
+    if match:
+        return match.group(1).upper()
+    if options:
+        bare = text.rstrip(".:,").strip().lower()
+        lowered = [o.strip().rstrip(".").lower() for o in options]
+        if bare in lowered:
+            return chr(ord("A") + lowered.index(bare))
+    return None
+
+
+def choice_match(prediction: str, letter: str, options: list[str] | None = None) -> bool:
+    """MMBench / generic multiple choice: the prediction names the letter (see `choice_letter`)."""
+    return choice_letter(prediction, options) == letter.upper()
 
 
 def mmvp_match(prediction: str, letter: str, options: list[str]) -> bool:

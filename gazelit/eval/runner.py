@@ -48,7 +48,8 @@ def evaluate(
     model_name: str = "",
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Greedy answers for every sample, scored by `scorer`."""
+    """Greedy answers for every sample, scored by `scorer` (which first refuses rows without its medium)."""
+    scorer.check_samples(list(samples))
     encoder = PromptEncoder.from_model(model)
     device = next(model.parameters()).device
     metric = scorer.metric()

@@ -4,7 +4,7 @@
     gqa        exact match after normalisation                          accuracy
     mme        exact yes/no match; per category acc and acc+ (both      perception, cognition (sums of
                questions of an image right), score = 100 (acc + acc+)   category scores), total
-    mmbench    option letter (first character of the extracted answer)  accuracy, circular_accuracy
+    mmbench    option letter (answer forms only) or the option's text     accuracy, circular_accuracy
     scienceqa  option letter or the option's text                       img_accuracy (SQA-I), accuracy
     mmvp       option letter or text; pairs of images                   pair_accuracy, accuracy
     chartqa    relaxed accuracy: numbers within 5%                      relaxed_accuracy
@@ -44,6 +44,21 @@ class Scorer:
     name: ClassVar[str]
     video: ClassVar[bool] = False
     max_new_tokens: ClassVar[int] = 32
+    # every row must carry this medium ("image" / "video"); None: rows without one are legitimate
+    requires: ClassVar[str | None] = "image"
+
+    def check_samples(self, samples: list[BenchSample], source: str = "") -> None:
+        """Refuse a file whose rows lack the medium the benchmark is about (a model would answer blind)."""
+        if self.requires is None:
+            return
+        missing = [s.index for s in samples if getattr(s, self.requires) is None]
+        if missing:
+            rows = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"{source or self.name}: {len(missing)} of {len(samples)} rows have no {self.requires} "
+                f"(rows {rows}); {self.name} is a{'n' if self.requires == 'image' else ''} {self.requires} "
+                f"benchmark and is not scored blind"
+            )
 
     def prompt(self, sample: BenchSample) -> str:
         raise NotImplementedError
@@ -113,7 +128,8 @@ class MMEScorer(Scorer):
 
 
 class MultipleChoiceScorer(Scorer):
-    """Letter answers: the first character of the extracted answer must be the letter. Circular sets
+    """Letter answers: the letter of an answer form ("B", "(B)", "Option B", ...) or of the option whose
+    text the answer is must be the right one. Circular sets
     (MMBench's rotated copies of a question) are the rows sharing `group`, else the same question about
     the same image from the same source."""
 
@@ -125,7 +141,7 @@ class MultipleChoiceScorer(Scorer):
         return f"{hint}{sample.question} Options:{_options_block(sample.options)}\n{self.instruction}"
 
     def score(self, sample, prediction):
-        return float(rules.choice_match(prediction, rules.letter_of(sample.answer, sample.options)))
+        return float(rules.choice_match(prediction, rules.letter_of(sample.answer, sample.options), sample.options))
 
     def group(self, sample):
         if sample.group is not None:
@@ -142,6 +158,7 @@ class MMBenchScorer(MultipleChoiceScorer):
 
 class VideoMultipleChoiceScorer(MultipleChoiceScorer):
     name = "video_mc"
+    requires = "video"
     video = True
 
 
@@ -150,6 +167,7 @@ class ScienceQAScorer(Scorer):
     SQA-I is `img_accuracy` (questions with an image)."""
 
     name = "scienceqa"
+    requires = None  # ScienceQA holds text-only questions (SQA-I is the subset with images)
     instruction = "Please answer directly with only the letter of the correct option and nothing else."
 
     def prompt(self, sample):

@@ -14,6 +14,13 @@ from typing import Any
 from gazelit.attention import RegionShape, parse_top_k
 
 
+# Component names, checked when a recipe loads (the registries in gazelit.models must hold exactly these)
+VISION_FAMILY_NAMES = ("siglip2", "siglip", "clip", "dinov2")
+PROJECTOR_KINDS = ("mlp2x_gelu", "conv_mlp2x_gelu")
+GAZE_IMPLS = ("auto", "segmented", "flex", "reference")
+LLM_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # decoders whose attention modules the gaze backend is tested on
+
+
 @dataclass
 class VisionSpec:
     family: str = "siglip2"  # siglip2 | siglip | clip | dinov2
@@ -67,6 +74,19 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         """Check values that types alone cannot; returns self."""
         parse_top_k(self.gaze.top_k)
+        for key, what, value, names in (
+            ("model.vision.family", "vision family", self.vision.family, VISION_FAMILY_NAMES),
+            ("model.projector.kind", "projector kind", self.projector.kind, PROJECTOR_KINDS),
+            ("model.gaze.impl", "gaze implementation", self.gaze.impl, GAZE_IMPLS),
+        ):
+            if value not in names:
+                raise ValueError(f"{key}: unknown {what} {value!r}; choose one of {', '.join(names)}")
+        model_type = (self.llm.config or {}).get("model_type")
+        if self.llm.config is not None and model_type not in LLM_MODEL_TYPES:
+            raise ValueError(
+                f"model.llm.config.model_type: unknown {model_type!r}; the gaze backend supports "
+                f"{', '.join(LLM_MODEL_TYPES)}"
+            )
         if len(self.gaze.region) not in (2, 3):
             raise ValueError(f"model.gaze.region must be [rows, cols] or [rows, cols, frames], got {self.gaze.region}")
         self.region_shape()

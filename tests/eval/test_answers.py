@@ -72,3 +72,17 @@ def test_ocrbench_contains_exact_and_handwritten_maths():
     assert rules.ocrbench_match("x ^ 2 + 1", ["x^2+1"], hmer)
     assert not rules.ocrbench_match("X^2+1", ["x^2+1"], hmer)  # case kept for maths
     assert rules.ocrbench_match("it is 42", ["41", "42"])
+
+
+@pytest.mark.parametrize(
+    "prediction,letter",
+    [("B", "B"), ("(B)", "B"), ("B.", "B"), ("B)", "B"), ("b", "B"), ("Option B", "B"), ("The answer is B", "B"),
+     ("The answer is (C).", "C"), ("C: a cat", "C"), ("bird", "A"), ("Bird.", "A"), ("a dog", None), ("cat", "C"),
+     ("blue whale", None)],
+)
+def test_choice_letters_come_from_answer_forms_or_option_texts(prediction, letter):
+    from gazelit.eval.answers import choice_letter, choice_match
+
+    options = ["bird", "dog", "cat"]
+    assert choice_letter(prediction, options) == letter
+    assert choice_match("bird", "B", options) is False  # "bird" starts with b but is option A

@@ -59,3 +59,22 @@ def test_parquet_with_embedded_image_bytes(tmp_path):
     assert len(samples) == 2 and samples[0].answer == "Yes"
     assert samples[0].load_image().getpixel((32, 24)) == (10, 200, 10)
     assert samples[0].media_key() == samples[1].media_key()  # the same embedded image
+
+
+def test_an_image_benchmark_without_images_is_refused(tmp_path, capsys):
+    import json
+
+    from gazelit.cli import main
+    from gazelit.eval.data import load_benchmark
+    from gazelit.eval.scorers import get_scorer
+
+    rows = [{"question": "What is it?", "answer": "cat"}, {"question": "And this?", "answer": "dog"}]
+    path = tmp_path / "gqa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    samples = load_benchmark(path)
+    with pytest.raises(ValueError, match="2 of 2 rows have no image"):
+        get_scorer("gqa").check_samples(samples, str(path))
+    get_scorer("scienceqa").check_samples(samples)  # text-only questions are part of ScienceQA
+    assert main(["eval", "no-model-needed", "--bench", "gqa", "--data", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no image" in err[0]

@@ -67,7 +67,7 @@ def test_video_multiple_choice_and_the_dense_kv_label(tmp_path):
     table = format_table([dense.to_dict(), gaze.to_dict()])
     assert table.splitlines()[1].split()[:3] == ["dense", "video_mc", "48"]
     assert table.splitlines()[2].split()[:3] == ["gaze", "video_mc", "4+6"]
-    with pytest.raises(ValueError, match="no 'video'"):
+    with pytest.raises(ValueError, match="no video"):
         evaluate(tiny_vlm(), get_scorer("video_mc"), load_benchmark(_image_bench(tmp_path)), max_new_tokens=1)
 
 
