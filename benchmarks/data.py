@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.config import DataConfig, SourceConfig
-from datamodules.convert import prepare_record
-from datamodules.datamodule import GazeDataModule
-from datamodules.demo_data import generate_demo_data
-from datamodules.loader import init_worker
-from datamodules.records import media_ref
-from datamodules.samples import SampleProcessor
-from datamodules.transforms import ResizeNormalize
+from gazelit.schema import DataConfig, SourceConfig
+from gazelit.datamodules.convert import prepare_record
+from gazelit.datamodules.datamodule import GazeDataModule
+from gazelit.datamodules.demo_data import generate_demo_data
+from gazelit.datamodules.loader import init_worker
+from gazelit.datamodules.records import media_ref
+from gazelit.datamodules.samples import SampleProcessor
+from gazelit.datamodules.transforms import ResizeNormalize
 from gazelit.tokenizer import build_tiny_tokenizer
 
 IMAGE_SIZE = 96

@@ -98,8 +98,8 @@ def target_tile(box: list[float], grid: tuple[int, int], region: tuple[int, int,
 
 @torch.no_grad()
 def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
-    from datamodules.config import DataConfig, SourceConfig
-    from datamodules.datamodule import GazeDataModule
+    from gazelit.schema import DataConfig, SourceConfig
+    from gazelit.datamodules.datamodule import GazeDataModule
     from gazelit.attention import parse_top_k
     from gazelit.models.gaze_vlm import GazeVLM
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-from callbacks.checkpointing import checkpoint_step, latest_checkpoint
+from gazelit.callbacks.checkpointing import checkpoint_step, latest_checkpoint
 
 
 class InterruptReport(L.Callback):

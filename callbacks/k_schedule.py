@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 
+from gazelit import shapes
 from gazelit.attention import parse_top_k
 
 SHAPES = ("linear", "cosine", "step")
@@ -83,9 +84,7 @@ def lower_k(a: int | None, b: int | None) -> int | None:
 
 def regions_per_unit(model: Any) -> int:
     """Regions of one image / frame of a GazeVLM: ceil(rows / r_h) * ceil(cols / r_w)."""
-    rows, cols = model.visual_grid
-    shape = model.config.region_shape()
-    return math.ceil(rows / shape.h) * math.ceil(cols / shape.w)
+    return shapes.regions_per_unit(model.visual_grid, model.config.gaze.region)
 
 
 class ProgressiveTopK(L.Callback):

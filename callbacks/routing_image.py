@@ -65,7 +65,7 @@ def prompt_of(batch: dict[str, Any], index: int = 0) -> tuple[dict[str, Any], di
 def first_validation_prompt(datamodule: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The prompt of the first validation sample with media, identical on every rank; None without
     validation data."""
-    from datamodules.datamodule import GazeDataModule
+    from gazelit.datamodules.datamodule import GazeDataModule
 
     config = datamodule.config
     if not config.val_sources:

@@ -26,24 +26,24 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataConfig": "datamodules.config",
-    "SourceConfig": "datamodules.config",
-    "GazeDataModule": "datamodules.datamodule",
-    "ResumableLoader": "datamodules.loader",
-    "GazeStream": "datamodules.stream",
-    "StreamOptions": "datamodules.stream",
-    "ShardSource": "datamodules.shards",
-    "SampleProcessor": "datamodules.samples",
-    "ChatEncoder": "datamodules.chat",
-    "Collator": "datamodules.collate",
-    "Manifest": "datamodules.manifest",
-    "convert": "datamodules.convert",
-    "add_convert_arguments": "datamodules.convert",
-    "run_convert": "datamodules.convert",
-    "generate_demo_data": "datamodules.demo_data",
-    "ResizeNormalize": "datamodules.transforms",
-    "SkipFractionExceeded": "datamodules.skips",
-    "skip_metrics": "datamodules.skips",
+    "DataConfig": "gazelit.schema",
+    "SourceConfig": "gazelit.schema",
+    "GazeDataModule": "gazelit.datamodules.datamodule",
+    "ResumableLoader": "gazelit.datamodules.loader",
+    "GazeStream": "gazelit.datamodules.stream",
+    "StreamOptions": "gazelit.datamodules.stream",
+    "ShardSource": "gazelit.datamodules.shards",
+    "SampleProcessor": "gazelit.datamodules.samples",
+    "ChatEncoder": "gazelit.datamodules.chat",
+    "Collator": "gazelit.datamodules.collate",
+    "Manifest": "gazelit.datamodules.manifest",
+    "convert": "gazelit.datamodules.convert",
+    "add_convert_arguments": "gazelit.datamodules.convert",
+    "run_convert": "gazelit.datamodules.convert",
+    "generate_demo_data": "gazelit.datamodules.demo_data",
+    "ResizeNormalize": "gazelit.datamodules.transforms",
+    "SkipFractionExceeded": "gazelit.datamodules.skips",
+    "skip_metrics": "gazelit.datamodules.skips",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -51,5 +51,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+        raise AttributeError(f"module 'gazelit.datamodules' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

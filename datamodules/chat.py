@@ -23,8 +23,8 @@ from typing import Any
 
 from gazelit.attention.layout import CONTEXT, TEXT, VISUAL
 
-from datamodules.records import IMAGE_PLACEHOLDER
-from datamodules.skips import ALL_MASKED, EMPTY_CONVERSATION, OVER_LENGTH, PLACEHOLDER_MISMATCH, SkipSample
+from gazelit.datamodules.records import IMAGE_PLACEHOLDER
+from gazelit.datamodules.skips import ALL_MASKED, EMPTY_CONVERSATION, OVER_LENGTH, PLACEHOLDER_MISMATCH, SkipSample
 
 IGNORE_INDEX = -100
 

@@ -13,8 +13,8 @@ import torch
 
 from gazelit.attention.layout import PAD
 
-from datamodules.chat import IGNORE_INDEX
-from datamodules.samples import ProcessedSample
+from gazelit.datamodules.chat import IGNORE_INDEX
+from gazelit.datamodules.samples import ProcessedSample
 
 
 class Collator:

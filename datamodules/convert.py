@@ -25,13 +25,12 @@ from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
-from webdataset import TarWriter
 
-from datamodules import media
-from datamodules.manifest import MANIFEST_NAME, Manifest, ShardEntry, SkippedRecord
+from gazelit.datamodules import media
+from gazelit.datamodules.manifest import MANIFEST_NAME, Manifest, ShardEntry, SkippedRecord
 from gazelit.integrity import sha256_file
-from datamodules.paths import PathEscape, ensure_inside, resolve_media_path
-from datamodules.records import (
+from gazelit.datamodules.paths import PathEscape, ensure_inside, resolve_media_path
+from gazelit.datamodules.records import (
     IMAGE_EXTENSIONS,
     InvalidRecord,
     conversation_turns,
@@ -264,7 +263,7 @@ class _ShardWriter:
         self.manifest = manifest
         self.written = 0
         self._file = None
-        self._tar: TarWriter | None = None
+        self._tar = None
         self._name = ""
         self._count = 0
 
@@ -273,6 +272,8 @@ class _ShardWriter:
             self._finish_shard()
             self._name = SHARD_PATTERN.format(len(self.manifest.shards))
             self._file = (self.out / self._name).open("wb")
+            from webdataset import TarWriter  # imports torch: only when writing (`gazelit --help` stays light)
+
             self._tar = TarWriter(self._file, encoder=False, mtime=_FIXED_MTIME)
         self._tar.write({"__key__": sample.key, **sample.members})
         self._count += 1
@@ -339,7 +340,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_convert_arguments(argparse.ArgumentParser(prog="python -m datamodules.convert", description=__doc__))
+    parser = add_convert_arguments(argparse.ArgumentParser(prog="python -m gazelit.datamodules.convert", description=__doc__))
     return run_convert(parser.parse_args(argv))
 
 

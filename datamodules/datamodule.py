@@ -18,14 +18,14 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.chat import ChatEncoder
-from datamodules.collate import Collator
-from datamodules.config import DataConfig, SourceConfig
-from datamodules.loader import ResumableLoader, already_collated, init_worker
-from datamodules.manifest import DamagedShardsError, Manifest, check_shards
-from datamodules.samples import ImageTransform, SampleProcessor
-from datamodules.shards import ShardSource
-from datamodules.stream import GazeStream, StreamOptions
+from gazelit.datamodules.chat import ChatEncoder
+from gazelit.datamodules.collate import Collator
+from gazelit.schema import DataConfig, SourceConfig
+from gazelit.datamodules.loader import ResumableLoader, already_collated, init_worker
+from gazelit.datamodules.manifest import DamagedShardsError, Manifest, check_shards
+from gazelit.datamodules.samples import ImageTransform, SampleProcessor
+from gazelit.datamodules.shards import ShardSource
+from gazelit.datamodules.stream import GazeStream, StreamOptions
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Every record carries "task", "answer" and "target_box" ([x0, y0, x1, y1] in 0..1
 box; videos add "target_frame"), so routing hit rate and accuracy can be measured. The splits are
 converted with the same converter as real data, so the demo exercises exactly the real code path.
 
-    python -m datamodules.demo_data --out DIR [--train 2000 --val 200 --test 200 --video-fraction 0.2]
+    python -m gazelit.datamodules.demo_data --out DIR [--train 2000 --val 200 --test 200 --video-fraction 0.2]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datamodules.convert import convert
+from gazelit.datamodules.convert import convert
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -300,7 +300,7 @@ def generate_demo_data(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.demo_data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m gazelit.datamodules.demo_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train", type=int, default=2000)

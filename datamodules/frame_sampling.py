@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datamodules.records import ClipBounds
+from gazelit.datamodules.records import ClipBounds
 
 DEFAULT_GIF_FRAME_SECONDS = 0.1  # what browsers show for frames with a missing or zero duration
 WHOLE_VIDEO = ClipBounds()

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from datamodules import media
-from datamodules.chat import ChatEncoder
-from datamodules.collate import Collator
-from datamodules.frame_sampling import frame_start_times, sample_frame_indices, sample_timed_frames
-from datamodules.records import IMAGE_EXTENSIONS
-from datamodules.samples import ProcessedSample
+from gazelit.datamodules import media
+from gazelit.datamodules.chat import ChatEncoder
+from gazelit.datamodules.collate import Collator
+from gazelit.datamodules.frame_sampling import frame_start_times, sample_frame_indices, sample_timed_frames
+from gazelit.datamodules.records import IMAGE_EXTENSIONS
+from gazelit.datamodules.samples import ProcessedSample
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 

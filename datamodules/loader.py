@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.skips import SkipTally
-from datamodules.stream import GazeStream
+from gazelit.datamodules.skips import SkipTally
+from gazelit.datamodules.stream import GazeStream
 
 STATE_VERSION = 1
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from datamodules import media
-from datamodules.chat import ChatEncoder, TokenizedConversation
-from datamodules.frame_sampling import EmptyClip, frame_start_times, sample_frame_indices, sample_timed_frames
-from datamodules.records import (
+from gazelit.datamodules import media
+from gazelit.datamodules.chat import ChatEncoder, TokenizedConversation
+from gazelit.datamodules.frame_sampling import EmptyClip, frame_start_times, sample_frame_indices, sample_timed_frames
+from gazelit.datamodules.records import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     InvalidRecord,
@@ -29,7 +29,7 @@ from datamodules.records import (
     conversation_turns,
     media_ref,
 )
-from datamodules.skips import BAD_RECORD, DECODE_ERROR, VIDEO_ERROR, SkipSample
+from gazelit.datamodules.skips import BAD_RECORD, DECODE_ERROR, VIDEO_ERROR, SkipSample
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 _IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS) + ("img",)

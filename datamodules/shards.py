@@ -28,7 +28,7 @@ from typing import Any
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from datamodules.manifest import Manifest
+from gazelit.datamodules.manifest import Manifest
 
 RawSample = dict[str, Any]
 LOST = "__lost__"  # key of a placeholder for a sample a shard failed to deliver

@@ -27,10 +27,10 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.collate import Collator
-from datamodules.samples import ProcessedSample, SampleProcessor
-from datamodules.shards import LOST, MixedDraws, RawSample, ShardSource, SourceReader
-from datamodules.skips import SHARD_ERROR, SkipFractionExceeded, SkipSample, SkipTally
+from gazelit.datamodules.collate import Collator
+from gazelit.datamodules.samples import ProcessedSample, SampleProcessor
+from gazelit.datamodules.shards import LOST, MixedDraws, RawSample, ShardSource, SourceReader
+from gazelit.datamodules.skips import SHARD_ERROR, SkipFractionExceeded, SkipSample, SkipTally
 
 log = logging.getLogger(__name__)
 

@@ -27,26 +27,11 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from gazelit.models.config import ModelConfig
 from gazelit.models.gaze_vlm import GazeVLM
-from gazelit.optim import OptimConfig, build_optimizer, build_scheduler
+from gazelit.optim import build_optimizer, build_scheduler
+from gazelit.schema import STAGES, ModelConfig, OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
-
-STAGES = ("align", "finetune")
-
-
-@dataclass
-class TrainConfig:
-    stage: str = "finetune"  # align | finetune
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def validate(self) -> TrainConfig:
-        if self.stage not in STAGES:
-            raise ValueError(f"train.stage must be one of {STAGES}, got {self.stage!r}")
-        self.optim.validate()
-        return self
-
 
 def _as(kind, value):
     if isinstance(value, kind):

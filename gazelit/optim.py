@@ -8,35 +8,10 @@ parameters and the context tokens. Frozen parameters are left out.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-
-@dataclass
-class OptimConfig:
-    lr_projector: float = 1e-3
-    lr_llm: float = 2e-5
-    lr_vision: float = 2e-6
-    lr_context: float | None = None  # default: lr_projector
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_ratio: float = 0.03  # of the total optimiser steps (ignored when warmup_steps is set)
-    warmup_steps: int | None = None
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
-    fused: bool | None = None  # torch AdamW fused kernels (None: torch decides)
-
-    def validate(self) -> OptimConfig:
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"train.optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        return self
+from gazelit.schema import OptimConfig
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

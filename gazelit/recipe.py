@@ -15,16 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from datamodules.config import DataConfig
-from gazelit.lit_module import TrainConfig
-from gazelit.models.config import ModelConfig
+from gazelit.schema import (  # noqa: F401  (the schema's names are this module's public names too)
+    CheckpointConfig,
+    DataConfig,
+    DemoDataConfig,
+    KScheduleConfig,
+    LoggingConfig,
+    ModelConfig,
+    Recipe,
+    RunConfig,
+    StrategyConfig,
+    TrainConfig,
+    TrainerConfig,
+)
 
 
 def grad_accumulation(global_batch, per_device, devices, nodes) -> int:
@@ -38,101 +47,6 @@ def grad_accumulation(global_batch, per_device, devices, nodes) -> int:
 
 if not OmegaConf.has_resolver("gazelit.accumulate"):
     OmegaConf.register_resolver("gazelit.accumulate", grad_accumulation)
-
-
-@dataclass
-class StrategyConfig:
-    name: str = "auto"  # auto | single | ddp | fsdp2 (ModelParallelStrategy) | fsdp (FSDP1, GPU only)
-    activation_checkpointing: bool = False  # per decoder layer and vision block
-    param_dtype: str | None = None  # fsdp2 mixed precision, e.g. bfloat16 (reductions stay float32)
-    reshard_after_forward: bool = True
-    options: dict[str, Any] = field(default_factory=dict)  # passed to the Lightning strategy
-
-
-@dataclass
-class TrainerConfig:
-    accelerator: str = "auto"
-    devices: Any = "auto"  # an int, a list, or "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    max_steps: int = 1000
-    val_check_interval: int | None = None  # optimiser steps between validations (None: end of epoch)
-    limit_val_batches: Any = 1.0
-    log_every_n_steps: int = 10
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    deterministic: bool = False
-    torch_threads: int | None = None  # intra-op CPU threads per process (None: torch's default)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-
-
-@dataclass
-class KScheduleConfig:
-    """Progressive k: dense (every region) until `start_step`, then down to model.gaze.top_k over
-    `span_steps` optimiser steps; never increasing. span_steps 0: the target k from `start_step` on."""
-
-    start_step: int = 0
-    span_steps: int = 0
-    shape: str = "linear"  # linear | cosine | step
-    steps: int = 4  # plateaus of the step shape
-
-
-@dataclass
-class CheckpointConfig:
-    every_n_steps: int = 500
-    keep_last: int = 3
-    export_final: bool = True  # also write a GazeVLM.save_pretrained directory at the end of fit
-
-
-@dataclass
-class LoggingConfig:
-    routing_image_every_n_steps: int = 100  # 0: never
-    routing_max_new_tokens: int = 8  # tokens generated (and drawn) for the routing picture
-    tensorboard: bool = True
-
-
-@dataclass
-class DemoDataConfig:
-    """Generate the demo data set (datamodules.demo_data) into `out` when it is not there yet."""
-
-    out: str = "data/demo"
-    train: int = 2000
-    val: int = 200
-    test: int = 200
-    image_size: int = 64
-    grid: int = 4
-    max_objects: int = 4
-    train_questions: int = 1  # question turns per training image (val/test images have one)
-    tasks: list[str] = field(default_factory=lambda: ["colour_at", "shape_of", "locate"])
-    video_fraction: float = 0.0
-    seed: int = 0
-    shard_size: int = 50  # samples per shard: several shards per split, so every rank gets some
-
-
-@dataclass
-class RunConfig:
-    name: str = "run"
-    root: str = "runs"  # the run directory is root/name
-
-
-@dataclass
-class Recipe:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    demo: DemoDataConfig | None = None
-    resume: str | None = None  # "auto" (newest checkpoint of the run) or a checkpoint path
-    init_from: str | None = None  # weights only (e.g. stage 2 from stage 1): a checkpoint or model dir
-    seed: int = 0
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.root) / self.run.name
 
 
 class RecipeError(ValueError):
@@ -221,10 +135,10 @@ def _warn_top_k_above_one_unit(recipe: Recipe) -> None:
     for single-image data it means dense attention: say so."""
     import logging
 
-    from gazelit.attention import parse_top_k
-    from gazelit.training.shapes import derive_shapes
+    from gazelit.schema import resolve_top_k
+    from gazelit.shapes import derive_shapes
 
-    k = parse_top_k(recipe.model.gaze.top_k)
+    k = resolve_top_k(recipe.model.gaze.top_k)
     if k is None or not recipe.model.gaze.enabled:
         return
     try:

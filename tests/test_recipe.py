@@ -95,7 +95,7 @@ def test_values_that_cannot_train_are_rejected_naming_the_key(tmp_path, override
 
 
 def test_component_names_match_the_registries():
-    from gazelit.models.config import GAZE_IMPLS, PROJECTOR_KINDS, VISION_FAMILY_NAMES
+    from gazelit.schema import GAZE_IMPLS, PROJECTOR_KINDS, VISION_FAMILY_NAMES
     from gazelit.models.projectors import PROJECTORS
     from gazelit.models.vision import VISION_FAMILIES
     from gazelit.attention.context import IMPLEMENTATIONS

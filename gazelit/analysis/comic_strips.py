@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datamodules.demo_data import COLOURS, SHAPES
+from gazelit.datamodules.demo_data import COLOURS, SHAPES
 
 PROMPT = "Describe the panels from left to right."
 

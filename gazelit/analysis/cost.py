@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from gazelit.attention import GazeLayout, RegionShape, Unit, build_state, decode_attention
-from gazelit.models.config import ModelConfig
+from gazelit.schema import ModelConfig
+from gazelit.shapes import pooled_grid, projected_grid
 
 # LLM attention shapes of hub checkpoints, from their config.json (model cards): so that `gazelit cost`
 # needs no download. Anything else: a local checkpoint directory, `llm.config` in the recipe, or
@@ -331,7 +332,6 @@ def llm_dims(config: ModelConfig, llm_config: dict[str, Any] | str | Path | None
 def visual_grid(config: ModelConfig, grid: tuple[int, int] | None = None) -> tuple[int, int]:
     """Visual tokens per unit on the LLM side: encoder grid -> projector -> pooling, from the config
     (`grid` overrides the encoder grid for checkpoints not known here)."""
-    from gazelit.models.projectors import PROJECTORS
 
     if grid is None:
         v = config.vision
@@ -348,9 +348,7 @@ def visual_grid(config: ModelConfig, grid: tuple[int, int] | None = None) -> tup
         else:
             raise ValueError(f"unknown vision checkpoint {v.pretrained!r}: pass the encoder grid with --grid RxC")
         grid = (int(size) // int(patch), int(size) // int(patch))
-    rows, cols = PROJECTORS[config.projector.kind](1, 1).output_grid(grid)
-    s = config.visual_pool
-    return math.ceil(rows / s), math.ceil(cols / s)
+    return pooled_grid(projected_grid(config.projector.kind, grid), config.visual_pool)
 
 
 def recipe_inputs(config: ModelConfig, grid: tuple[int, int], frames: int, text: int) -> list[VisualInput]:
@@ -366,7 +364,7 @@ def kv_label(config: ModelConfig, grid: tuple[int, int], k: int | None, units: i
 
 
 def _region(config: ModelConfig) -> tuple[int, int, int]:
-    shape = config.region_shape()
+    shape = RegionShape(*config.gaze.region)
     return shape.h, shape.w, shape.t
 
 

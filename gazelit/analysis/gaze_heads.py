@@ -29,7 +29,7 @@ from gazelit.analysis.comic_strips import Strip
 from gazelit.analysis.probes import RowMapProbe, require_gaze
 from gazelit.attention import TEXT
 
-from datamodules.inference import Prompt, PromptEncoder
+from gazelit.datamodules.inference import Prompt, PromptEncoder
 
 
 @dataclass

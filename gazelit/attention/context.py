@@ -20,6 +20,7 @@ import torch
 
 from gazelit.attention.decode import DecodeState
 from gazelit.attention.layout import GazeLayout
+from gazelit.schema import resolve_top_k as parse_top_k  # noqa: F401  (one definition of k)
 
 IMPLEMENTATIONS = ("auto", "reference", "segmented", "flex")
 
@@ -79,18 +80,3 @@ def use_gaze(ctx: GazeContext) -> Iterator[GazeContext]:
 
 def active_context() -> GazeContext | None:
     return _ACTIVE.get()
-
-
-def parse_top_k(value: int | str | None) -> int | None:
-    """k from config: an integer >= 0, or "all"/None for every region."""
-    if value is None or (isinstance(value, str) and value.lower() == "all"):
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"top_k must be an integer or 'all', got {value!r}")
-    try:
-        k = int(value)
-    except ValueError:
-        raise ValueError(f"top_k must be an integer or 'all', got {value!r}") from None
-    if k < 0:
-        raise ValueError(f"top_k must be >= 0 or 'all', got {value!r}")
-    return k

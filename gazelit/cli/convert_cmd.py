@@ -1,6 +1,6 @@
 """`gazelit convert`: Cambrian-style JSONL + media -> WebDataset shards and a manifest."""
 
-from datamodules.convert import add_convert_arguments, run_convert
+from gazelit.datamodules.convert import add_convert_arguments, run_convert
 
 
 def register(subparsers) -> None:

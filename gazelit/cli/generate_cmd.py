@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from datamodules.inference import Prompt, PromptEncoder, load_frames_dir, load_image, load_video_frames
+    from gazelit.datamodules.inference import Prompt, PromptEncoder, load_frames_dir, load_image, load_video_frames
 
     if args.tensorboard and not args.trace:
         raise SystemExit("gazelit generate: --tensorboard needs --trace")

@@ -1,6 +1,6 @@
 """`gazelit validate RECIPE [key=value ...]`: check a recipe and show what it resolves to, building nothing.
 
-Prints the fully resolved recipe and the shapes it implies (gazelit.training.shapes). Nothing is
+Prints the fully resolved recipe and the shapes it implies (gazelit.shapes). Nothing is
 downloaded and no model is built; a recipe error exits with status 2 and names the key, the file and the
 closest valid key.
 """
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gazelit.recipe import RecipeError, load_recipe, resolved_yaml
-    from gazelit.training.shapes import derive_shapes
+    from gazelit.shapes import derive_shapes
 
     try:
         recipe = load_recipe(args.recipe, args.overrides, paths=not args.offline)

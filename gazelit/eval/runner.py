@@ -17,7 +17,7 @@ from gazelit.analysis.cost import kv_label
 from gazelit.eval.data import BenchSample
 from gazelit.eval.scorers import Scorer
 
-from datamodules.inference import Prompt, PromptEncoder, load_video_frames
+from gazelit.datamodules.inference import Prompt, PromptEncoder, load_video_frames
 
 
 @dataclass

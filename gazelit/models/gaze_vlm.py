@@ -30,12 +30,14 @@ from gazelit.attention import (
     VISUAL,
     GazeContext,
     GazeLayout,
+    RegionShape,
     RoutingRecord,
     parse_top_k,
     use_gaze,
 )
 from gazelit.batch import check_batch
-from gazelit.models.config import ModelConfig
+from gazelit.schema import ModelConfig
+from gazelit.shapes import pooled_grid
 from gazelit.models.llm import build_llm, decoder_layer_class
 from gazelit.models.projectors import Projector, build_projector
 from gazelit.models.vision import VisionEncoder, build_vision_encoder
@@ -146,9 +148,7 @@ class GazeVLM(nn.Module):
 
     def projected_grid(self, encoder_grid: tuple[int, int] | None = None) -> tuple[int, int]:
         """Visual tokens per unit on the LLM side: encoder grid -> projector -> pooling."""
-        rows, cols = self.projector.output_grid(encoder_grid or self.vision.token_grid())
-        s = self.config.visual_pool
-        return math.ceil(rows / s), math.ceil(cols / s)
+        return pooled_grid(self.projector.output_grid(encoder_grid or self.vision.token_grid()), self.config.visual_pool)
 
     @property
     def visual_grid(self) -> tuple[int, int]:
@@ -188,7 +188,7 @@ class GazeVLM(nn.Module):
         kinds = batch["token_kind"]
         layout = GazeLayout.from_token_kinds(
             kinds, batch["unit_sample"], batch["unit_start"], batch["unit_grid"], self.num_context,
-            self.config.region_shape(), batch["unit_video"], batch["unit_time"],
+            RegionShape(*self.config.gaze.region), batch["unit_video"], batch["unit_time"],
         )
         embeds = self.llm.get_input_embeddings()(batch["input_ids"])
         b, length, hidden = embeds.shape
@@ -323,7 +323,7 @@ class GazeVLM(nn.Module):
         safe = region.clamp(min=0)
         unit = torch.where(region >= 0, region_unit[safe], -1)
         tile = torch.where(region >= 0, safe - group_start[safe], -1)
-        shape = self.config.region_shape()
+        shape = RegionShape(*self.config.gaze.region)
         return RoutingTrace(
             region=region, score=score, unit=unit, tile=tile,
             unit_grids=[u.grid for u in info.units], region_shape=(shape.h, shape.w, shape.t),

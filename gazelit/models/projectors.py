@@ -16,6 +16,8 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gazelit.shapes import projected_grid
+
 __all__ = ["PROJECTORS", "Projector", "MLPProjector", "ConvMLPProjector", "build_projector"]
 
 
@@ -55,7 +57,7 @@ class MLPProjector(Projector):
         self.mlp = _mlp2x_gelu(vision_hidden, llm_hidden)
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        return int(grid[0]), int(grid[1])
+        return projected_grid(self.kind, grid)
 
     def forward(self, features: Tensor, grid: tuple[int, int]) -> Tensor:
         self._check(features, grid)
@@ -73,8 +75,7 @@ class ConvMLPProjector(Projector):
         self.mlp = _mlp2x_gelu(vision_hidden, llm_hidden)
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        rows, cols = grid
-        return -(-int(rows) // 2), -(-int(cols) // 2)
+        return projected_grid(self.kind, grid)
 
     def forward(self, features: Tensor, grid: tuple[int, int]) -> Tensor:
         self._check(features, grid)

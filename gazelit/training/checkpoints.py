@@ -207,7 +207,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """A Lightning checkpoint (file or sharded folder) of GazeVLMModule -> a GazeVLM.save_pretrained
     directory. The model is rebuilt from the checkpoint's hyper-parameters; its k is the k training had
     reached (the schedule's), else the configured one."""
-    from gazelit.models.config import ModelConfig
+    from gazelit.schema import ModelConfig
     from gazelit.models.gaze_vlm import GazeVLM
 
     if not Path(checkpoint).exists():

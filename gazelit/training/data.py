@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from datamodules.datamodule import GazeDataModule
+from gazelit.datamodules.datamodule import GazeDataModule
 
 
 class EvenBatches:

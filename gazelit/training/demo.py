@@ -48,7 +48,7 @@ def check_settings(out: Path, config: Any) -> None:
 
 def ensure_demo_data(config: Any, wait_s: float = 1800.0) -> Path:
     """Generate the demo data described by `config` (gazelit.recipe.DemoDataConfig) unless present."""
-    from datamodules.demo_data import generate_demo_data
+    from gazelit.datamodules.demo_data import generate_demo_data
 
     out = Path(config.out)
     if demo_data_ready(out):

@@ -28,13 +28,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from callbacks.checkpointing import AtomicModelCheckpoint, checkpoints_newest_first, latest_checkpoint
-from callbacks.interrupt import InterruptReport
-from callbacks.k_schedule import ProgressiveTopK
-from callbacks.progress import progress_bar
-from callbacks.rng_state import RNGStateCheckpoint
-from callbacks.routing_image import RoutingImageLogger
-from callbacks.stream_resume import StreamResumeAcrossWorldSizes
+from gazelit.callbacks.checkpointing import AtomicModelCheckpoint, checkpoints_newest_first, latest_checkpoint
+from gazelit.callbacks.interrupt import InterruptReport
+from gazelit.callbacks.k_schedule import ProgressiveTopK
+from gazelit.callbacks.progress import progress_bar
+from gazelit.callbacks.rng_state import RNGStateCheckpoint
+from gazelit.callbacks.routing_image import RoutingImageLogger
+from gazelit.callbacks.stream_resume import StreamResumeAcrossWorldSizes
 from gazelit.integrity import CheckpointError, atomic_write_text, verify_checkpoint
 from gazelit.recipe import Recipe, RecipeError, check_paths, flat_hparams, resolved_yaml
 from gazelit.training.parallel import build_strategy

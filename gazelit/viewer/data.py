@@ -28,7 +28,7 @@ from gazelit.analysis.cost import kv_label
 from gazelit.analysis.probes import GenerationMapProbe, require_gaze
 from gazelit.attention.layout import RegionShape, Unit, unit_groups
 
-from datamodules.inference import Prompt, PromptEncoder
+from gazelit.datamodules.inference import Prompt, PromptEncoder
 
 DENSE_BUDGET = 4_000_000  # uint8 map values kept in the page before averaging over heads / layers
 

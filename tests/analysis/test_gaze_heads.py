@@ -10,12 +10,12 @@ import torch
 from gazelit.analysis.comic_strips import PROMPT, generate_strips, load_strips, make_strip
 from gazelit.analysis.gaze_heads import correlation_scores, find_gaze_heads, heatmap_png, panel_of_tokens
 from gazelit.cli import main
-from gazelit.models.config import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.tokenizer import build_tiny_tokenizer
 
-from datamodules.demo_data import COLOURS
+from gazelit.datamodules.demo_data import COLOURS
 
 from .tiny_models import tiny_vlm
 

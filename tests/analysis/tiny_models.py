@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from gazelit.models.config import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.tokenizer import build_tiny_tokenizer

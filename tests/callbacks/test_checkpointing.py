@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gazelit.integrity import INTEGRITY_SUFFIX
-from callbacks.checkpointing import TMP_PREFIX, AtomicModelCheckpoint, checkpoint_step, latest_checkpoint
+from gazelit.callbacks.checkpointing import TMP_PREFIX, AtomicModelCheckpoint, checkpoint_step, latest_checkpoint
 
 pytestmark = [  # Lightning's own, about this toy setup
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),

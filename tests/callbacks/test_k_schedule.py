@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from callbacks.k_schedule import KSchedule, ProgressiveTopK, lower_k
+from gazelit.callbacks.k_schedule import KSchedule, ProgressiveTopK, lower_k
 
 DENSE = None
 R = 16  # regions per unit (e.g. an 8x8 grid in 2x2 regions)

@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from callbacks.progress import StepBoundedProgressBar, progress_bar
+from gazelit.callbacks.progress import StepBoundedProgressBar, progress_bar
 
 pytest.importorskip("rich", reason="the rich progress bar needs the rich package")
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from callbacks.rng_state import RNGStateCheckpoint
+from gazelit.callbacks.rng_state import RNGStateCheckpoint
 
 
 class DrawingModel(BoringModel):

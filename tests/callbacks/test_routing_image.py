@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from callbacks.routing_image import PANEL, draw_routing, prompt_of, selection_counts, to_rgb
+from gazelit.callbacks.routing_image import PANEL, draw_routing, prompt_of, selection_counts, to_rgb
 from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL
 from gazelit.models.gaze_vlm import RoutingTrace
 

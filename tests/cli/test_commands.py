@@ -5,7 +5,7 @@ import pytest
 from gazelit.cli import COMMANDS, build_parser, main
 from gazelit.cli.loading import load_model
 
-from datamodules.inference import Prompt, PromptEncoder, load_image
+from gazelit.datamodules.inference import Prompt, PromptEncoder, load_image
 
 from ..analysis.tiny_models import picture, tiny_vlm
 

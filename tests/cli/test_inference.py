@@ -1,4 +1,4 @@
-"""datamodules.inference: prompts -> left-padded generation batches matching the training encoding."""
+"""gazelit.datamodules.inference: prompts -> left-padded generation batches matching the training encoding."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ import torch
 from gazelit.attention import CONTEXT, PAD, TEXT, VISUAL
 from gazelit.batch import check_batch
 
-from datamodules.chat import ChatEncoder
-from datamodules.inference import Prompt, PromptEncoder, left_pad, load_frames_dir, load_video_frames
-from datamodules.skips import SkipSample
+from gazelit.datamodules.chat import ChatEncoder
+from gazelit.datamodules.inference import Prompt, PromptEncoder, left_pad, load_frames_dir, load_video_frames
+from gazelit.datamodules.skips import SkipSample
 
 from ..analysis.tiny_models import picture, tiny_vlm
 

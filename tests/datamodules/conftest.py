@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from .data_test_helpers import GRID, IMAGE_SIZE, NUM_CONTEXT
-from datamodules.config import DataConfig, SourceConfig
-from datamodules.datamodule import GazeDataModule
-from datamodules.demo_data import DemoData, generate_demo_data
-from datamodules.transforms import ResizeNormalize
+from gazelit.schema import DataConfig, SourceConfig
+from gazelit.datamodules.datamodule import GazeDataModule
+from gazelit.datamodules.demo_data import DemoData, generate_demo_data
+from gazelit.datamodules.transforms import ResizeNormalize
 from gazelit.tokenizer import build_tiny_tokenizer
 
 

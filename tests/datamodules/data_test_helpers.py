@@ -12,8 +12,8 @@ from PIL import Image
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from datamodules.demo_data import encode_gif, encode_mp4
-from datamodules.manifest import Manifest
+from gazelit.datamodules.demo_data import encode_gif, encode_mp4
+from gazelit.datamodules.manifest import Manifest
 
 GRID = (4, 4)  # visual tokens per unit in the tests
 NUM_CONTEXT = 2

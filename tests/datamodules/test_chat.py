@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.chat import IGNORE_INDEX, ChatEncoder
-from datamodules.skips import ALL_MASKED, EMPTY_CONVERSATION, OVER_LENGTH, PLACEHOLDER_MISMATCH, SkipSample
+from gazelit.datamodules.chat import IGNORE_INDEX, ChatEncoder
+from gazelit.datamodules.skips import ALL_MASKED, EMPTY_CONVERSATION, OVER_LENGTH, PLACEHOLDER_MISMATCH, SkipSample
 from gazelit.attention.layout import CONTEXT, TEXT, VISUAL
 from gazelit.tokenizer import build_tiny_tokenizer
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from .data_test_helpers import build_raw_dataset, raw_samples
-from datamodules.convert import add_convert_arguments, convert, run_convert
-from datamodules.manifest import Manifest
+from gazelit.datamodules.convert import add_convert_arguments, convert, run_convert
+from gazelit.datamodules.manifest import Manifest
 
 
 EXPECTED_SKIPS = {

@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from .data_test_helpers import build_raw_dataset, conversation, png, write_manifest, write_shard
-from datamodules.convert import convert
-from datamodules.manifest import DamagedShardsError, Manifest, check_shards
-from datamodules.skips import SkipFractionExceeded, SkipTally
+from gazelit.datamodules.convert import convert
+from gazelit.datamodules.manifest import DamagedShardsError, Manifest, check_shards
+from gazelit.datamodules.skips import SkipFractionExceeded, SkipTally
 
 
 @pytest.fixture()

@@ -7,9 +7,9 @@ import re
 
 from PIL import Image
 
-from datamodules.demo_data import COLOURS, SHAPES, generate_demo_data
-from datamodules.manifest import Manifest
-from datamodules.media import decode_gif_frames, decode_image, decode_video_frames
+from gazelit.datamodules.demo_data import COLOURS, SHAPES, generate_demo_data
+from gazelit.datamodules.manifest import Manifest
+from gazelit.datamodules.media import decode_gif_frames, decode_image, decode_video_frames
 
 
 def records(path) -> list[dict]:

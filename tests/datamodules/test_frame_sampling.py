@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.frame_sampling import EmptyClip, cap_frames, sample_frame_indices, sample_timed_frames
-from datamodules.records import ClipBounds
+from gazelit.datamodules.frame_sampling import EmptyClip, cap_frames, sample_frame_indices, sample_timed_frames
+from gazelit.datamodules.records import ClipBounds
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,10 @@ from .data_test_helpers import (
     raw_samples,
     write_bad_sample_shards,
 )
-from datamodules.chat import IGNORE_INDEX
-from datamodules.config import SourceConfig
-from datamodules.convert import convert
-from datamodules.skips import STREAM_SKIP_REASONS, SkipFractionExceeded, skip_metrics
+from gazelit.datamodules.chat import IGNORE_INDEX
+from gazelit.schema import SourceConfig
+from gazelit.datamodules.convert import convert
+from gazelit.datamodules.skips import STREAM_SKIP_REASONS, SkipFractionExceeded, skip_metrics
 from gazelit.attention.layout import CONTEXT, PAD, VISUAL, GazeLayout
 from gazelit.batch import check_batch
 

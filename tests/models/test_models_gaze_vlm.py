@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gazelit.attention import CONTEXT, VISUAL
-from gazelit.models.config import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.tokenizer import build_tiny_tokenizer

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gazelit.lit_module import GazeVLMModule, TrainConfig, trainable_parameter_counts
-from gazelit.models.config import GazeSpec, LLMSpec, ModelConfig, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.optim import OptimConfig, build_optimizer, lr_multiplier, parameter_groups

@@ -12,7 +12,7 @@ import pytest
 from gazelit.cli import build_parser
 from gazelit.cli import main as cli
 from gazelit.recipe import RecipeError, load_recipe
-from gazelit.training.shapes import derive_shapes
+from gazelit.shapes import derive_shapes
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))

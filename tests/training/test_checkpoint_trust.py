@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks.checkpointing import AtomicModelCheckpoint
-from callbacks.interrupt import InterruptReport
+from gazelit.callbacks.checkpointing import AtomicModelCheckpoint
+from gazelit.callbacks.interrupt import InterruptReport
 from gazelit.cli import main as cli_main
 from gazelit.integrity import CheckpointError, integrity_file, read_dcp_metadata, verify_checkpoint
 from gazelit.recipe import load_recipe

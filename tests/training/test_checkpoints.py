@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from gazelit.cli import main as cli
 from gazelit.lit_module import GazeVLMModule, TrainConfig
-from gazelit.models.config import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, TokenizerSpec, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, TokenizerSpec, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.training.checkpoints import WeightMismatchError, export_checkpoint, load_matching_weights, model_state

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from gazelit.models.config import GazeSpec, LLMSpec, ModelConfig, TokenizerSpec, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, TokenizerSpec, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.recipe import StrategyConfig, TrainerConfig

@@ -12,7 +12,7 @@ from gazelit.viewer.data import reduce_dense, region_groups, trace_generation
 from gazelit.viewer.page import render_page
 from gazelit.viewer.stills import region_frequency, still, write_stills
 
-from datamodules.inference import Prompt
+from gazelit.datamodules.inference import Prompt
 
 from ..analysis.tiny_models import picture, tiny_vlm
 from .cdp import Browser, find_chromium

@@ -1,22 +1,32 @@
-"""Shapes a recipe implies, worked out without building the model or downloading anything.
+"""Shapes a recipe implies, worked out once, without torch, without building the model or downloading.
+
+The one place the projected grid, the regions per unit and the vision input size are derived: the model,
+the k schedule, `gazelit validate` and `gazelit cost` all take them from here.
 
 For `gazelit validate`: visual tokens per image / frame, regions per unit, the k schedule's endpoints,
 the attended visual fraction at the target k, tokens per image and per video, the global batch size.
 
 The vision tower's image and patch size come from, in order: `model.vision.options.image_size` and the
-`config:` mapping (with the transformers config class's defaults), a local copy of the checkpoint's config
-(`local_files_only`: the Hugging Face cache or a local directory, never the network), or the checkpoint
+`config:` mapping (with the family's transformers defaults, `VISION_DEFAULT_SIZES`), the checkpoint's
+`config.json` in a local directory or the Hugging Face cache (never the network), or the checkpoint
 name (`...-patch16-384`). If none says, the sizes are reported as unknown.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gazelit.recipe import Recipe
+from gazelit.schema import Recipe, resolve_top_k
+
+# (image_size, patch_size) of each family's transformers config class when a `config:` mapping leaves
+# them out (tests/test_shapes.py holds these to transformers' own defaults)
+VISION_DEFAULT_SIZES = {"siglip2": (224, 16), "siglip": (224, 16), "clip": (224, 32), "dinov2": (224, 14),
+                        "dinov2_with_registers": (224, 16)}
 
 _NAME_SIZES = re.compile(r"patch(\d+)[-_](\d+)")
 
@@ -32,14 +42,15 @@ def vision_sizes(recipe: Recipe) -> VisionSizes:
     spec = recipe.model.vision
     override = (spec.options or {}).get("image_size")
     if spec.config is not None:
-        from gazelit.models.vision import vision_family
-
-        config = vision_family(spec.family).config_class_for(spec.config)(**{k: v for k, v in spec.config.items()
-                                                                              if k != "model_type"})  # fmt: skip
-        return VisionSizes(override or _side(config.image_size), _side(config.patch_size), "model.vision.config")
-    local = _local_config(spec.pretrained, spec.options or {})
-    if local is not None:
-        return VisionSizes(override or _side(local.image_size), _side(local.patch_size), "local checkpoint config")
+        registers = spec.config.get("model_type") == "dinov2_with_registers" or "num_register_tokens" in spec.config
+        image, patch = VISION_DEFAULT_SIZES["dinov2_with_registers" if registers else spec.family]
+        image = spec.config.get("image_size", image)
+        patch = spec.config.get("patch_size", patch)
+        return VisionSizes(override or _side(image), _side(patch), "model.vision.config")
+    local = _local_config(spec.pretrained)
+    if local is not None and "patch_size" in local:
+        image = local.get("image_size", VISION_DEFAULT_SIZES.get(spec.family, (None,))[0])
+        return VisionSizes(override or _side(image), _side(local["patch_size"]), "local checkpoint config")
     match = _NAME_SIZES.search(spec.pretrained or "")
     if match:
         return VisionSizes(override or int(match.group(2)), int(match.group(1)), f"checkpoint name {spec.pretrained}")
@@ -50,17 +61,43 @@ def _side(value: Any) -> int:
     return int(value if isinstance(value, int) else value[0])
 
 
-def _local_config(pretrained: str | None, options: dict[str, Any]) -> Any:
+def _local_config(pretrained: str | None) -> dict[str, Any] | None:
+    """The vision part of a checkpoint's config.json: a local directory, else the Hugging Face cache."""
     if not pretrained:
         return None
-    try:
-        from transformers import AutoConfig
+    path = Path(pretrained) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
 
-        config = AutoConfig.from_pretrained(pretrained, local_files_only=True,
-                                            trust_remote_code=bool(options.get("trust_remote_code", False)))  # fmt: skip
-    except (OSError, ValueError):  # not cached / not a directory / not a known config: the caller falls back
+            cached = try_to_load_from_cache(pretrained, "config.json")
+        except Exception:  # not a repo id, no cache
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return getattr(config, "vision_config", config)
+    return config.get("vision_config", config) if isinstance(config, dict) else None
+
+
+def projected_grid(kind: str, grid: tuple[int, int]) -> tuple[int, int]:
+    """The projector's output grid for an encoder grid (mlp2x_gelu keeps it; the stride-2 conv halves it,
+    rounding up: an odd side is padded)."""
+    rows, cols = int(grid[0]), int(grid[1])
+    if kind == "conv_mlp2x_gelu":
+        return -(-rows // 2), -(-cols // 2)
+    return rows, cols
+
+
+def pooled_grid(grid: tuple[int, int], pool: int) -> tuple[int, int]:
+    return math.ceil(grid[0] / pool), math.ceil(grid[1] / pool)
+
+
+def regions_per_unit(grid: tuple[int, int], region: list[int]) -> int:
+    return math.ceil(grid[0] / region[0]) * math.ceil(grid[1] / region[1])
 
 
 @dataclass
@@ -119,9 +156,6 @@ def _grid(grid: tuple[int, int] | None) -> str:
 
 
 def derive_shapes(recipe: Recipe) -> DerivedShapes:
-    from gazelit.attention import parse_top_k
-    from gazelit.models.projectors import PROJECTORS
-
     m = recipe.model
     vision = vision_sizes(recipe)
     encoder = projected = None
@@ -129,11 +163,9 @@ def derive_shapes(recipe: Recipe) -> DerivedShapes:
     if vision.image_size and vision.patch_size:
         side = vision.image_size // vision.patch_size
         encoder = (side, side)
-        rows, cols = PROJECTORS[m.projector.kind](1, 1).output_grid(encoder)
-        projected = (math.ceil(rows / m.visual_pool), math.ceil(cols / m.visual_pool))
+        projected = pooled_grid(projected_grid(m.projector.kind, encoder), m.visual_pool)
         visual = projected[0] * projected[1]
-        region = m.region_shape()
-        regions = math.ceil(projected[0] / region.h) * math.ceil(projected[1] / region.w)
+        regions = regions_per_unit(projected, m.gaze.region)
     context = m.num_context
     per_unit = visual + context if visual is not None else None
     t = recipe.trainer
@@ -149,7 +181,7 @@ def derive_shapes(recipe: Recipe) -> DerivedShapes:
     return DerivedShapes(
         vision=vision, encoder_grid=encoder, projected_grid=projected, visual_tokens_per_unit=visual,
         context_per_unit=context, regions_per_unit=regions,
-        k_target=parse_top_k(m.gaze.top_k) if m.gaze.enabled else None,
+        k_target=resolve_top_k(m.gaze.top_k) if m.gaze.enabled else None,
         tokens_per_image=per_unit, tokens_per_video=per_unit * recipe.data.max_frames if per_unit else None,
         max_frames=recipe.data.max_frames, world_size=world, global_batch=batch,
     )  # fmt: skip
