@@ -43,7 +43,6 @@ _EXPORTS = {
     "generate_demo_data": "gazelit.datamodules.demo_data",
     "ResizeNormalize": "gazelit.datamodules.transforms",
     "SkipFractionExceeded": "gazelit.datamodules.skips",
-    "skip_metrics": "gazelit.datamodules.skips",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -193,6 +193,10 @@ class GazeDataModule(L.LightningDataModule):
             pin_memory=self.config.pin_memory,
         )
 
+    def teardown(self, stage: str) -> None:
+        if self._train_loader is not None:
+            self._train_loader.close()
+
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         if self._train_loader is not None:

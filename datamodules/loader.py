@@ -14,6 +14,7 @@ the first `next()`, so a state loaded after Lightning created the iterator (e.g.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,7 @@ class ResumableLoader:
         self._consumed = 0
         self._started = False  # an epoch has begun yielding since construction / the last load
         self._pending: tuple[int, int] | None = None
+        self._running: weakref.WeakSet = weakref.WeakSet()  # epochs' generators not yet finished
         # this rank's draws and skips over the whole run (every epoch, across resumes): the skip guard
         # that per-worker tallies, which restart with every epoch, cannot be
         opts = stream.options
@@ -70,11 +72,22 @@ class ResumableLoader:
     def epoch(self) -> int:
         return self._epoch
 
-    @property
-    def batches_consumed(self) -> int:
-        return self._consumed
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = self._batches()
+        self._running.add(batches)
+        return batches
+
+    def close(self) -> None:
+        """Stop the DataLoader workers of unfinished epochs at once (also when the loader is dropped, and at
+        the datamodule's teardown): a run that stops mid-epoch would otherwise leave them for torch to
+        reap at exit."""
+        for batches in list(getattr(self, "_running", ())):
+            batches.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         epoch, start = self._begin_epoch()
         if start >= len(self):
             return
@@ -94,11 +107,17 @@ class ResumableLoader:
                 (self.stream.options.seed * 1_000_003 + epoch) * 1_000_003 + start
             ),
         )
-        for batch in loader:
-            self._consumed += 1
-            if self.run_skips is not None and "draws" in batch:
-                self.run_skips.add_batch(batch["draws"], batch.get("skipped") or {}, batch.get("skipped_shards") or {})
-            yield batch
+        iterator = iter(loader)
+        try:
+            for batch in iterator:
+                self._consumed += 1
+                if self.run_skips is not None and "draws" in batch:
+                    self.run_skips.add_batch(batch["draws"], batch.get("skipped") or {}, batch.get("skipped_shards") or {})
+                yield batch
+        finally:
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+            if shutdown is not None:
+                shutdown()
 
     def _begin_epoch(self) -> tuple[int, int]:
         if self._pending is not None:

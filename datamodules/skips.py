@@ -128,11 +128,3 @@ class SkipTally:
             f"max_skip_fraction={self.max_fraction}; by reason {dict(self.skips)}; worst shards: {shards}"
             + (f" and {more} more" if more > 0 else "")
         )
-
-
-def skip_metrics(batch: dict, prefix: str = "data/skipped/") -> dict[str, float]:
-    """Metric name -> count for `batch["skipped"]`, every known reason present (0 when none), for
-    `LightningModule.log_dict(..., reduce_fx="sum")`."""
-    counts = batch.get("skipped") or {}
-    names = list(STREAM_SKIP_REASONS) + sorted(set(counts) - set(STREAM_SKIP_REASONS))
-    return {prefix + name: float(counts.get(name, 0)) for name in names}

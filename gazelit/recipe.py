@@ -90,7 +90,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError(f"schedule.shape must be linear, cosine or step, got {recipe.schedule.shape!r}")
     if recipe.schedule.span_steps < 0 or recipe.schedule.start_step < 0:
         raise RecipeError("schedule.start_step and schedule.span_steps must be >= 0")
-    names = ("auto", "single", "ddp", "fsdp2", "fsdp")
+    names = ("auto", "single", "ddp", "fsdp2")  # FSDP1 was removed: untested, and FSDP2 shards the same way
     if recipe.trainer.strategy.name not in names:
         raise RecipeError(f"trainer.strategy.name must be one of {names}, got {recipe.trainer.strategy.name!r}")
     if recipe.checkpoint.keep_last < 1:

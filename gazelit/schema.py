@@ -254,7 +254,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- run
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | single | ddp | fsdp2 (ModelParallelStrategy) | fsdp (FSDP1, GPU only)
+    name: str = "auto"  # auto | single | ddp | fsdp2 (ModelParallelStrategy)
     activation_checkpointing: bool = False  # per decoder layer and vision block
     param_dtype: str | None = None  # fsdp2 mixed precision, e.g. bfloat16 (reductions stay float32)
     reshard_after_forward: bool = True

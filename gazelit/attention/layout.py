@@ -254,9 +254,6 @@ class GazeLayout:
     def device(self) -> torch.device:
         return self.kind.device
 
-    def visual_token_count(self) -> torch.Tensor:
-        return (self.kind == VISUAL).sum(1)
-
 
 def _take(table: torch.Tensor, positions: torch.Tensor, fill: int) -> torch.Tensor:
     b, length = table.shape

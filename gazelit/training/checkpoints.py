@@ -11,15 +11,13 @@ file is one CheckpointError line naming it, never a torch traceback.
 * a `GazeVLM.save_pretrained` directory (gazelit_config.json + model.safetensors).
 
 `model_state` returns the GazeVLM weights only (for a DCP folder it loads just the model entries, not the
-optimiser state); `full_checkpoint` consolidates everything with DCP's format utility
-(`dcp_to_torch_save`), for inspection and tests. `load_matching_weights` is `init_from`; `export_checkpoint`
+optimiser state). `load_matching_weights` is `init_from`; `export_checkpoint`
 is `gazelit export`.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,21 +53,6 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
         return _load_file(path / LIGHTNING_META)
     checkpoint = _load_file(path)
     return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-
-
-def full_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The whole checkpoint as one dict. A DCP folder is consolidated with `dcp_to_torch_save` (model
-    under "state_dict", optimisers under "optimizer_0", ...) and merged with its meta.pt."""
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        consolidated = Path(tmp) / "consolidated.pt"
-        dcp_to_torch_save(path, consolidated)
-        tensors = torch.load(consolidated, map_location="cpu", weights_only=True)
-    return {**checkpoint_metadata(path), **tensors}
 
 
 def _sharded_model_state(path: Path) -> dict[str, torch.Tensor]:

@@ -205,9 +205,6 @@ def build_callbacks(recipe: Recipe, paths: RunPaths, model: Any, continue_comman
 
 def build_trainer(recipe: Recipe, paths: RunPaths, strategy: Any, callbacks: list[L.Callback]) -> L.Trainer:
     t = recipe.trainer
-    if t.strategy.name == "fsdp" and t.gradient_clip_val:
-        raise ValueError("trainer.strategy.name=fsdp (FSDP1): Lightning cannot clip gradients by norm; set "
-                         "trainer.gradient_clip_val: null or use fsdp2")  # fmt: skip
     logger: Any = False
     if recipe.logging.tensorboard:
         from gazelit.training.tensorboard import RecipeTensorBoardLogger

@@ -7,7 +7,6 @@
                     LLM decoder layer (classes from `GazeVLM.block_classes()`) and then the root, with a
                     MixedPrecisionPolicy (param dtype from the recipe, float32 reductions). Checkpoints are
                     sharded torch.distributed.checkpoint folders.
-    fsdp            FSDPStrategy (FSDP1), GPU only; same wrapping units and mixed precision.
 
 Multi-node runs need nothing beyond `trainer.num_nodes`: Lightning reads torchrun's or SLURM's
 environment (its cluster environments) and builds the process group from it.
@@ -32,7 +31,7 @@ from gazelit.attention import active_context, use_gaze
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp2", "fsdp")
+STRATEGIES = ("auto", "single", "ddp", "fsdp2")
 
 
 @dataclass
@@ -40,7 +39,7 @@ class ParallelPlan:
     """What `configure_model` does to the GazeVLM (the non-Lightning half of trainer.strategy)."""
 
     activation_checkpointing: bool = False
-    param_dtype: str | None = None  # fsdp2 / fsdp mixed precision
+    param_dtype: str | None = None  # fsdp2 mixed precision
     reshard_after_forward: bool = True
 
 
@@ -171,20 +170,4 @@ def build_strategy(trainer_config: Any, block_classes: tuple[type[nn.Module], ..
 
         world = device_count(trainer_config.devices, trainer_config.accelerator) * trainer_config.num_nodes
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, **options), plan
-    if s.name == "fsdp":
-        if not uses_gpu(trainer_config.accelerator):
-            raise ValueError(
-                "trainer.strategy.name=fsdp (FSDP1, Lightning's FSDPStrategy) needs a GPU; on CPU use fsdp2 "
-                "(ModelParallelStrategy), which shards the same way"
-            )
-        from lightning.pytorch.strategies import FSDPStrategy
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-        from torch.distributed.fsdp import MixedPrecision
-
-        dtype = torch_dtype(s.param_dtype)
-        precision = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype) if dtype else None
-        # blocks are already checkpoint-wrapped by configure_model when activation checkpointing is on:
-        # wrap those wrappers, so each FSDP unit is FSDP(checkpoint(block))
-        wrap = {CheckpointWrapper} if s.activation_checkpointing else set(block_classes)
-        return FSDPStrategy(auto_wrap_policy=wrap, mixed_precision=precision, **options), plan
     raise ValueError(f"trainer.strategy.name must be one of {STRATEGIES}, got {s.name!r}")

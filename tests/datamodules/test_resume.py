@@ -129,3 +129,21 @@ def test_lightning_fit_resumes_mid_epoch_without_replay(make_datamodule, demo, t
     assert first.seen + second.seen == reference
     epoch0 = [i for batch in (first.seen + second.seen)[:30] for i in batch]
     assert len(epoch0) == len(set(epoch0)) == 240
+
+
+def test_closing_a_loader_mid_epoch_stops_its_workers_at_once(make_datamodule, demo):
+    """An epoch's iterator still held (as Lightning's fit loop holds it when a run stops mid-epoch):
+    close() (the datamodule's teardown) stops its workers now instead of at interpreter exit."""
+    import multiprocessing
+    import time
+
+    loader = make_datamodule([demo.shards["train"]], batch_size=4, num_workers=2).train_dataloader()
+    before = set(multiprocessing.active_children())
+    running = iter(loader)
+    next(running), next(running)
+    assert len(set(multiprocessing.active_children()) - before) == 2  # workers alive mid-epoch
+    started = time.perf_counter()
+    loader.close()
+    assert not set(multiprocessing.active_children()) - before
+    assert time.perf_counter() - started < 5
+    assert take(loader, 1)  # the loader still works: a new epoch starts new workers

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import tempfile
 from typing import Any
 
 import lightning as L
+import torch
+
+from gazelit.training.checkpoints import checkpoint_metadata, is_sharded_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"
@@ -99,3 +103,18 @@ class KillAfterCheckpoint(L.Callback):
 
 
 KILLED_EXIT_CODE = 97
+
+
+def full_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The whole checkpoint as one dict. A DCP folder is consolidated with `dcp_to_torch_save` (model
+    under "state_dict", optimisers under "optimizer_0", ...) and merged with its meta.pt."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "consolidated.pt"
+        dcp_to_torch_save(path, consolidated)
+        tensors = torch.load(consolidated, map_location="cpu", weights_only=True)
+    return {**checkpoint_metadata(path), **tensors}

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gazelit.training.checkpoints import full_checkpoint
 from gazelit.training.demo import ensure_demo_data
 
-from .helpers import DEMO_RECIPE, KILLED_EXIT_CODE, REPO, demo_data_config, fast_overrides
+from .helpers import DEMO_RECIPE, KILLED_EXIT_CODE, REPO, demo_data_config, fast_overrides, full_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

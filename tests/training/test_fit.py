@@ -11,10 +11,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from gazelit.recipe import load_recipe
 from gazelit.training import fit
-from gazelit.training.checkpoints import full_checkpoint
 
 from ..datamodules.data_test_helpers import write_bad_sample_shards
-from .helpers import DEMO_RECIPE, KillAfterCheckpoint, KilledRun, RunRecorder, fast_overrides
+from .helpers import DEMO_RECIPE, KillAfterCheckpoint, KilledRun, RunRecorder, fast_overrides, full_checkpoint
 
 pytestmark = [  # Lightning's own
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),

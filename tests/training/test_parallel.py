@@ -84,8 +84,8 @@ def test_strategies_from_the_recipe():
     assert plan == ParallelPlan(activation_checkpointing=True, param_dtype="bfloat16", reshard_after_forward=True)
 
 
-def test_fsdp1_is_refused_on_cpu_with_a_pointer_to_fsdp2():
-    with pytest.raises(ValueError, match="needs a GPU.*fsdp2"):
+def test_fsdp1_is_gone_and_the_error_lists_fsdp2():
+    with pytest.raises(ValueError, match="must be one of .*'fsdp2'"):
         build_strategy(trainer_config("fsdp"), tiny_model().block_classes())
 
 
