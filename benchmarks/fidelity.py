@@ -100,11 +100,10 @@ def target_tile(box: list[float], grid: tuple[int, int], region: tuple[int, int,
 def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
     from gazelit.schema import DataConfig, SourceConfig
     from gazelit.datamodules.datamodule import GazeDataModule
-    from gazelit.attention import parse_top_k
     from gazelit.models.gaze_vlm import GazeVLM
 
     model = GazeVLM.from_pretrained(model_dir).eval()
-    model.top_k = parse_top_k(model.config.gaze.top_k)  # the recipe's target k, wherever the schedule stopped
+    model.top_k = model.config.gaze.top_k  # the recipe's target k, wherever the schedule stopped
     test = Path(recipe.demo.out) / "shards" / "test"
     config = DataConfig(test_sources=[SourceConfig(str(test))], batch_size=batch_size, num_workers=0,
                         max_length=recipe.data.max_length, system_prompt=recipe.data.system_prompt)

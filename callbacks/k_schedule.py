@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 
 from gazelit import shapes
-from gazelit.attention import parse_top_k
+from gazelit.schema import resolve_top_k
 
 SHAPES = ("linear", "cosine", "step")
 
@@ -117,9 +117,9 @@ class ProgressiveTopK(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = pl_module.model
-        target = model.config.gaze.top_k if self._target == "model" else self._target
+        target = model.config.gaze.top_k if self._target == "model" else resolve_top_k(self._target)
         dense = self._dense_level if self._dense_level is not None else regions_per_unit(model)
-        self.schedule = KSchedule(target=parse_top_k(target), dense_level=dense, **self.settings)
+        self.schedule = KSchedule(target=target, dense_level=dense, **self.settings)
 
     def k_for_step(self, step: int) -> int | None:
         assert self.schedule is not None, "setup() has not run"

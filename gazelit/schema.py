@@ -75,7 +75,7 @@ class TokenizerSpec:
 @dataclass
 class GazeSpec:
     enabled: bool = True  # False: the dense baseline (the LLM's own attention, no context tokens)
-    top_k: Any = "all"  # an integer or "all"; the training schedule lowers it
+    top_k: Any = "all"  # an integer or "all" in a recipe; an int or None (all) once loaded. The schedule lowers it
     region: list[int] = field(default_factory=lambda: [6, 6, 1])  # rows, cols, frames
     num_context: int = 4
     shared_gqa: bool = False
@@ -94,7 +94,7 @@ class ModelConfig:
 
     def validate(self) -> ModelConfig:
         """Check values that types alone cannot; returns self."""
-        resolve_top_k(self.gaze.top_k)
+        self.gaze.top_k = resolve_top_k(self.gaze.top_k)  # k is an int or None (all) from here on
         for key, what, value, names in (
             ("model.vision.family", "vision family", self.vision.family, VISION_FAMILY_NAMES),
             ("model.projector.kind", "projector kind", self.projector.kind, PROJECTOR_KINDS),

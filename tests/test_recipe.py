@@ -126,3 +126,12 @@ def test_validate_offline_skips_the_path_check_and_fit_does_not(tmp_path, capsys
     assert main(["fit", str(base)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "gazelit fit: data.sources[0].path: /cluster/only/shards does not exist"
+
+
+@pytest.mark.parametrize("written,resolved", [("all", None), ("ALL", None), (4, 4), ("3", 3), (0, 0)])
+def test_k_is_resolved_once_when_the_recipe_loads(tmp_path, written, resolved):
+    base = write(tmp_path, "base.yaml", BASE)
+    recipe = load_recipe(base, [f"model.gaze.top_k={written}"])
+    assert recipe.model.gaze.top_k == resolved and not isinstance(recipe.model.gaze.top_k, str)
+    again = load_recipe(base, [f"model.gaze.top_k={recipe.model.gaze.top_k if resolved is not None else 'null'}"])
+    assert again.model.gaze.top_k == resolved  # the resolved recipe reads back the same

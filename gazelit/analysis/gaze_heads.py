@@ -114,7 +114,7 @@ def panel_attention(model: Any, strip: Strip, offset: int = 0) -> tuple[torch.Te
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     probe = RowMapProbe([rows])
-    model(batch, top_k="all", probe=probe)
+    model(batch, gaze_k=None, probe=probe)  # every region: dense attention maps
     panel = panel_of_tokens(model.visual_grid, strip.panels, strip.image.size,
                             getattr(model.image_transform(), "pad_to_square", False))
     num_panels = len(strip.panels)

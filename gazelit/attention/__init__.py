@@ -38,7 +38,7 @@ FlexAttention), decode (cached decode over gathered K/V), context (what travels 
 (the transformers attention backend "gaze"). No Lightning here.
 """
 
-from gazelit.attention.context import GazeContext, RoutingRecord, active_context, parse_top_k, use_gaze
+from gazelit.attention.context import GazeContext, RoutingRecord, active_context, use_gaze
 from gazelit.attention.decode import DecodeState, build_state, decode_attention
 from gazelit.attention.flex import flex_gaze_attention
 from gazelit.attention.hf import NAME as BACKEND_NAME
@@ -68,7 +68,6 @@ __all__ = [
     "flex_gaze_attention",
     "gaze_attention",
     "gaze_mask",
-    "parse_top_k",
     "plan_pieces",
     "reference_attention",
     "reference_routing",

@@ -20,7 +20,6 @@ import torch
 
 from gazelit.attention.decode import DecodeState
 from gazelit.attention.layout import GazeLayout
-from gazelit.schema import resolve_top_k as parse_top_k  # noqa: F401  (one definition of k)
 
 IMPLEMENTATIONS = ("auto", "reference", "segmented", "flex")
 

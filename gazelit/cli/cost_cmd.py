@@ -74,16 +74,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _recipe_ks(top_k) -> list[int | None]:
-    from gazelit.attention import parse_top_k
+    from gazelit.schema import resolve_top_k
 
-    k = parse_top_k(top_k)
+    k = resolve_top_k(top_k)
     return [4, 8, 16] if k is None else [k]
 
 
 def _k(value: str) -> int | None:
-    from gazelit.attention import parse_top_k
+    from gazelit.schema import resolve_top_k
 
-    return parse_top_k(value)
+    return resolve_top_k(value)
 
 
 def _grid(value: str) -> tuple[int, int]:

@@ -54,7 +54,7 @@ def load_model(
     top_k: int | str | None = None,
 ) -> GazeVLM:
     """A GazeVLM in eval mode on `device` from a model directory or a recipe (see the module docstring)."""
-    from gazelit.attention import parse_top_k
+    from gazelit.schema import resolve_top_k
     from gazelit.models.gaze_vlm import GazeVLM
 
     path = Path(spec)
@@ -74,7 +74,7 @@ def load_model(
     else:
         raise FileNotFoundError(f"no model directory or recipe file at {path}")
     if top_k is not None:
-        model.top_k = parse_top_k(top_k)
+        model.top_k = resolve_top_k(top_k)  # the command line's string, resolved here once
     return model.to(device).eval()
 
 

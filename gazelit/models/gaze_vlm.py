@@ -32,11 +32,10 @@ from gazelit.attention import (
     GazeLayout,
     RegionShape,
     RoutingRecord,
-    parse_top_k,
     use_gaze,
 )
 from gazelit.batch import check_batch
-from gazelit.schema import ModelConfig
+from gazelit.schema import ModelConfig, resolve_top_k
 from gazelit.shapes import pooled_grid
 from gazelit.models.llm import build_llm, decoder_layer_class
 from gazelit.models.projectors import Projector, build_projector
@@ -45,6 +44,10 @@ from gazelit.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 CONFIG_FILE = "gazelit_config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+# default of `gaze_k`: the model's own k (GazeVLM.top_k), whatever the schedule has set it to
+MODEL_K = object()
 
 
 @dataclass
@@ -98,7 +101,7 @@ class GazeVLM(nn.Module):
         m = config.num_context
         std = getattr(llm.config, "initializer_range", 0.02)
         self.context_tokens = nn.Parameter(torch.randn(m, hidden) * std)
-        self.top_k = parse_top_k(config.gaze.top_k)  # the schedule callback lowers it during training
+        self.top_k: int | None = config.gaze.top_k  # resolved by config.validate(); the k schedule lowers it
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but the LLM's embedding table only "
@@ -233,12 +236,14 @@ class GazeVLM(nn.Module):
         size = self.vision.image_size
         return torch.zeros(1, 3, size, size, device=like.device, dtype=next(self.vision.parameters()).dtype)
 
-    def context(self, layout: GazeLayout, top_k: Any = "model", **kwargs) -> GazeContext:
+    def context(self, layout: GazeLayout, gaze_k: int | None | object = MODEL_K, **kwargs) -> GazeContext:
+        """The GazeContext of one forward or generation; `gaze_k` (regions per query head, None = all)
+        defaults to the model's own k."""
         g = self.config.gaze
-        k = self.top_k if top_k == "model" else parse_top_k(top_k)
+        k = self.top_k if gaze_k is MODEL_K else gaze_k
         return GazeContext(layout, top_k=k, shared_gqa=g.shared_gqa, impl=g.impl, chunk=g.chunk, **kwargs)
 
-    def forward(self, batch: dict, top_k: Any = "model", collect_stats: bool = False, probe=None):
+    def forward(self, batch: dict, gaze_k: int | None | object = MODEL_K, collect_stats: bool = False, probe=None):
         """Causal-LM output (loss on `labels`, logits). With `collect_stats` also the GazeContext, whose
         `attended_visual_fraction()` is the mean selected / available visual tokens per routed query.
         `probe` is called after every attention layer (see GazeContext.probe)."""
@@ -248,7 +253,7 @@ class GazeVLM(nn.Module):
         if not self.gaze_enabled:
             out = self.llm(**kwargs)
             return (out, None) if collect_stats else out
-        ctx = self.context(layout, top_k, collect_stats=collect_stats, probe=probe)
+        ctx = self.context(layout, gaze_k, collect_stats=collect_stats, probe=probe)
         with use_gaze(ctx):
             out = self.llm(**kwargs)
         return (out, ctx) if collect_stats else out
@@ -262,7 +267,7 @@ class GazeVLM(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        top_k: Any = "model",
+        gaze_k: int | None | object = MODEL_K,
         trace: bool = True,
         cache_implementation: str = "static",
         probe=None,
@@ -283,7 +288,7 @@ class GazeVLM(nn.Module):
         if not self.gaze_enabled:
             ids = self.llm.generate(**gen)
             return [self._output(ids[i], None) for i in range(ids.shape[0])]
-        ctx = self.context(layout, top_k, record_routing=trace, probe=probe)
+        ctx = self.context(layout, gaze_k, record_routing=trace, probe=probe)
         with use_gaze(ctx):
             ids = self.llm.generate(**gen)
         outputs = []
@@ -360,7 +365,7 @@ class GazeVLM(nn.Module):
         missing = [m for m in missing if m not in tied]
         if missing or unexpected:
             raise ValueError(f"{directory}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.top_k = parse_top_k(saved.get("top_k", config.gaze.top_k))
+        model.top_k = resolve_top_k(saved.get("top_k", config.gaze.top_k))  # "all" or an int in the file
         return model
 
 

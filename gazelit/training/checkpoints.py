@@ -178,12 +178,13 @@ def _aliases_loaded(model: nn.Module, name: str, state: dict[str, torch.Tensor])
 
 
 # ---------------------------------------------------------------------------------------------- export
-def trained_top_k(metadata: dict[str, Any]) -> Any:
-    """The k the progressive schedule had reached when the checkpoint was written (None if no schedule)."""
+def trained_top_k(metadata: dict[str, Any]) -> tuple[bool, int | None]:
+    """(found, k): the k the progressive schedule had reached when the checkpoint was written (None: all
+    regions); found is False for a run without a schedule."""
     for key, state in (metadata.get("callbacks") or {}).items():
         if str(key).startswith("ProgressiveTopK") and isinstance(state, dict) and "current" in state:
-            return "all" if state["current"] is None else state["current"]
-    return None
+            return True, state["current"]
+    return False, None
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -210,9 +211,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(
             f"{checkpoint}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    k = trained_top_k(metadata)
-    if k is not None:
-        from gazelit.attention import parse_top_k
-
-        model.top_k = parse_top_k(k)
+    found, k = trained_top_k(metadata)
+    if found:
+        model.top_k = k
     return model.save_pretrained(out_dir)

@@ -136,7 +136,7 @@ def trace_generation(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    top_k: Any = "model",
+    gaze_k: Any = None,
     dense_budget: int = DENSE_BUDGET,
 ) -> tuple[Any, ViewerData]:
     """Generate for one prompt with routing traced and dense maps probed; (GenerationOutput, ViewerData)."""
@@ -146,7 +146,7 @@ def trace_generation(
     probe = GenerationMapProbe(model.llm.config.num_hidden_layers)
     require_gaze(model)
     out = model.generate_from_batch(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                    temperature=temperature, top_p=top_p, top_k=top_k, trace=True, probe=probe)[0]
+                                    temperature=temperature, top_p=top_p, **({} if gaze_k is None else {"gaze_k": gaze_k}), trace=True, probe=probe)[0]
     trace = out.trace
     steps = len(trace.tokens)
     maps = probe.maps()[:steps]
@@ -157,7 +157,7 @@ def trace_generation(
     for u, group in zip(units, region_groups(units, trace.region_shape[2])):
         u["group"] = group
         u["tiles"] = [list(trace.tile_box(group[-1], tile)) for tile in range(_tiles(u["grid"], trace.region_shape))]
-    k = model.top_k if top_k == "model" else top_k
+    k = model.top_k if gaze_k is None else gaze_k
     transform = model.image_transform()
     return out, ViewerData(
         prompt=prompt.text,

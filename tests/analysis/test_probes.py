@@ -21,7 +21,7 @@ def test_row_maps_equal_eager_attention_weights_of_the_dense_twin():
     probe = RowMapProbe(rows)
     with torch.no_grad():
         embeds, layout = gaze.embed(batch)
-        with use_gaze(gaze.context(layout, top_k="all", probe=probe)):
+        with use_gaze(gaze.context(layout, gaze_k=None, probe=probe)):
             gaze.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
         embeds, _ = dense.embed(batch)
         weights = dense.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True,
