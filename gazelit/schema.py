@@ -35,6 +35,10 @@ def resolve_top_k(value: int | str | None) -> int | None:
     return k
 
 
+# A saved model directory (GazeVLM.save_pretrained): the ModelConfig as JSON, the weights as safetensors
+MODEL_CONFIG_FILE = "gazelit_config.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+
 # Component names, checked when a recipe loads (the registries in gazelit.models must hold exactly these)
 VISION_FAMILY_NAMES = ("siglip2", "siglip", "clip", "dinov2")
 PROJECTOR_KINDS = ("mlp2x_gelu", "conv_mlp2x_gelu")

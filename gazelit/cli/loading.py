@@ -3,10 +3,9 @@
 RECIPE_OR_MODEL is either
   * a directory written by `GazeVLM.save_pretrained` (it holds gazelit_config.json), or
   * a recipe YAML: the model is built from its `model:` section (with `-o key=value` overrides), and
-    `--checkpoint CKPT` loads the weights of a single-file Lightning checkpoint of
-    `gazelit.lit_module.GazeVLMModule` (its state_dict keys start with "model.").
-
-Checkpoints are read with `torch.load(..., weights_only=True)`: no pickled code is executed.
+    `--checkpoint CKPT` loads the weights of a Lightning checkpoint of `gazelit.lit_module.GazeVLMModule`
+    (a single file or a sharded FSDP2 folder), verified and read by gazelit.training.checkpoints, the one
+    module that reads checkpoints: no pickled code is executed.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ if TYPE_CHECKING:  # torch and transformers load only when a model is loaded (fa
 
     from gazelit.models.gaze_vlm import GazeVLM
 
-CONFIG_FILE = "gazelit_config.json"  # gazelit.models.gaze_vlm.CONFIG_FILE
-MODULE_PREFIX = "model."  # GazeVLMModule keeps the GazeVLM as `self.model`
+from gazelit.schema import MODEL_CONFIG_FILE as CONFIG_FILE
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,28 +77,11 @@ def load_model(
 
 
 def load_checkpoint_weights(model: GazeVLM, checkpoint: str | Path) -> None:
-    """Load the `model.*` weights of a GazeVLMModule Lightning checkpoint (or of its bare state dict)."""
-    import torch
+    """Load the GazeVLM weights of a GazeVLMModule Lightning checkpoint (file or sharded folder)."""
+    from gazelit.models.gaze_vlm import load_exact_weights
+    from gazelit.training.checkpoints import model_state
 
-    from gazelit.models.gaze_vlm import tied_parameter_names
-
-    try:
-        data = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpicklable content, a sharded checkpoint directory, a corrupt file
-        raise ValueError(
-            f"{checkpoint}: cannot read it as a single-file checkpoint with weights_only=True "
-            f"({type(exc).__name__}: {exc}); for a sharded checkpoint run `gazelit export` first"
-        ) from None
-    state = data.get("state_dict", data) if isinstance(data, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint}: no state_dict in the checkpoint")
-    weights = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
+    weights = model_state(checkpoint)
     if not weights:
-        raise ValueError(f"{checkpoint}: no '{MODULE_PREFIX}*' weights: not a GazeVLMModule checkpoint")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = set(tied_parameter_names(model))
-    missing = [m for m in missing if m not in tied]
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint}: weights do not match the recipe's model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise ValueError(f"{checkpoint}: no 'model.*' weights: not a GazeVLMModule checkpoint")
+    load_exact_weights(model, weights, checkpoint)

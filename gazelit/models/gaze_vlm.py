@@ -35,15 +35,14 @@ from gazelit.attention import (
     use_gaze,
 )
 from gazelit.batch import check_batch
-from gazelit.schema import ModelConfig, resolve_top_k
+from gazelit.schema import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, ModelConfig, resolve_top_k
 from gazelit.shapes import pooled_grid
 from gazelit.models.llm import build_llm, decoder_layer_class
 from gazelit.models.projectors import Projector, build_projector
 from gazelit.models.vision import VisionEncoder, build_vision_encoder
 from gazelit.tokenizer import build_tiny_tokenizer, load_tokenizer
 
-CONFIG_FILE = "gazelit_config.json"
-WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE
 
 
 # default of `gaze_k`: the model's own k (GazeVLM.top_k), whatever the schedule has set it to
@@ -359,14 +358,9 @@ class GazeVLM(nn.Module):
         config = ModelConfig.from_dict(saved["model"])
         config.tokenizer.pretrained = str(directory)
         model = cls.build(config)
-        state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(tied_parameter_names(model))
-        missing = [m for m in missing if m not in tied]
-        if missing or unexpected:
-            raise ValueError(f"{directory}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_exact_weights(model, load_file(str(directory / WEIGHTS_FILE), device=str(map_location)), directory)
         model.top_k = resolve_top_k(saved.get("top_k", config.gaze.top_k))  # "all" or an int in the file
-        return model
+        return model.eval()  # as transformers' from_pretrained: ready for inference
 
 
 def _config_fields(config: dict) -> dict:
@@ -386,6 +380,16 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = tensor
     return out
+
+
+def load_exact_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load `state` into `model`: every tensor must match, except tied entries saved once (a ValueError
+    naming `source` otherwise). The one loader behind from_pretrained, export and --checkpoint."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(tied_parameter_names(model))
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def tied_parameter_names(model: nn.Module) -> list[str]:

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from gazelit.integrity import CheckpointError, read_dcp_metadata, verify_checkpoint
+from gazelit.schema import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
 MODULE_PREFIX = "model."  # GazeVLMModule holds the GazeVLM as `self.model`
-MODEL_CONFIG_FILE = "gazelit_config.json"
 DCP_METADATA = ".metadata"
 LIGHTNING_META = "meta.pt"
 
@@ -93,9 +93,9 @@ def model_state(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path / "model.safetensors"))
+            return load_file(str(path / MODEL_WEIGHTS_FILE))
         except Exception as e:  # safetensors raises its own error types for damaged headers
-            raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path / MODEL_WEIGHTS_FILE}: unreadable ({type(e).__name__}: {e})") from None
     if path.is_dir() and not is_sharded_checkpoint(path):
         raise CheckpointError(f"{path}: neither a Lightning checkpoint (file or sharded folder) nor a model directory")
     if verify:
@@ -103,7 +103,9 @@ def model_state(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor
     if is_sharded_checkpoint(path):
         state = _sharded_model_state(path)
     else:
-        state = _load_file(path).get("state_dict")
+        data = _load_file(path)
+        bare = any(isinstance(k, str) and k.startswith(MODULE_PREFIX) for k in data)  # a bare module state dict
+        state = data.get("state_dict", data if bare else None)
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: no state_dict: not a Lightning checkpoint")
     return {k[len(MODULE_PREFIX) :]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
@@ -154,9 +156,12 @@ def load_matching_weights(model: nn.Module, source: str | Path) -> WeightsReport
     if mismatched:
         listing = "\n  ".join(mismatched)
         raise WeightMismatchError(f"init_from {source}: {len(mismatched)} tensor(s) differ in shape:\n  {listing}")
+    from gazelit.models.gaze_vlm import tied_parameter_names
+
+    tied = set(tied_parameter_names(model))  # saved once: not missing
     report = WeightsReport(
         loaded=[n for n in own if n in state],
-        missing=[n for n in own if n not in state and not _aliases_loaded(model, n, state)],
+        missing=[n for n in own if n not in state and n not in tied],
         unexpected=[n for n in state if n not in own],
     )
     model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
@@ -168,13 +173,6 @@ def load_matching_weights(model: nn.Module, source: str | Path) -> WeightsReport
         log.warning("init_from %s: %d source tensors have no place in the model: %s",
                     source, len(report.unexpected), report.unexpected[:10])  # fmt: skip
     return report
-
-
-def _aliases_loaded(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> bool:
-    """True if `name` shares storage with a tensor that is loaded (tied embeddings are saved once)."""
-    own = model.state_dict()
-    ptr = own[name].untyped_storage().data_ptr()
-    return any(other in state and own[other].untyped_storage().data_ptr() == ptr for other in own if other != name)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -192,7 +190,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     directory. The model is rebuilt from the checkpoint's hyper-parameters; its k is the k training had
     reached (the schedule's), else the configured one."""
     from gazelit.schema import ModelConfig
-    from gazelit.models.gaze_vlm import GazeVLM
+    from gazelit.models.gaze_vlm import GazeVLM, load_exact_weights
 
     if not Path(checkpoint).exists():
         raise CheckpointError(f"{checkpoint}: no such checkpoint")
@@ -204,13 +202,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             f"{checkpoint}: no model_config in the checkpoint's hyper_parameters; not a GazeVLMModule checkpoint?"
         )
     model = GazeVLM.build(ModelConfig.from_dict(hparams["model_config"]))
-    state = model_state(checkpoint, verify=False)  # verified above
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not _aliases_loaded(model, m, state)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    load_exact_weights(model, model_state(checkpoint, verify=False), checkpoint)  # verified above
     found, k = trained_top_k(metadata)
     if found:
         model.top_k = k

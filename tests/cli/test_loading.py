@@ -62,3 +62,24 @@ def test_loading_errors_name_the_problem(tmp_path):
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="recipe"):
         load_model(tmp_path / "m", checkpoint=tmp_path / "partial.ckpt")
+
+
+def test_a_sharded_checkpoint_loads_through_the_one_checkpoint_module(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from gazelit.models.gaze_vlm import GazeVLM
+
+    recipe = write_recipe(tmp_path)
+    trained = load_model(recipe)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)
+    folder = tmp_path / "step=000004.ckpt"
+    state = {"state_dict": {"model." + k: v.clone() for k, v in trained.state_dict().items()}}
+    with pytest.warns(UserWarning):
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    loaded = load_model(recipe, checkpoint=folder)
+    for (name, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    trained.save_pretrained(tmp_path / "m")
+    assert GazeVLM.from_pretrained(tmp_path / "m").training is False  # eval mode, as transformers does
