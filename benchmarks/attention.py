@@ -161,7 +161,7 @@ def prefill_rows(cases, ks, device, dtype, repeats):
                 if device == "cuda":
                     out = flex_gaze_attention(q, k, v, layout, k_top)
                 else:
-                    out = segmented_attention(q, k, v, layout, k_top).transpose(1, 2)
+                    out = segmented_attention(q, k, v, layout, k_top)
                 out.backward(grad)
 
             # short cases get more repeats: a 0.4 s measurement is easily moved by a noisy neighbour

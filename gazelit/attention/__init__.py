@@ -32,6 +32,15 @@ Dense limit: with k = "all" and M = 0 this is exactly dense causal attention *wh
 inside a frame group* (between two frames that share regions). Where one does, the candidate clause
 governs and that text does not see the group's earlier frames, so the result differs from dense.
 
+Every full-sequence path (reference, segmented, flex; `hf.PATHS`) has one signature and output layout:
+
+    path(q, k, v, layout, top_k, *, scale=None, q_offset=0, shared=False, routing=None, stats=None, ...)
+    q (B, Hq, Lq, D) at positions [q_offset, q_offset + Lq); k, v (B, Hkv, S, D) -> (B, Hq, Lq, D)
+
+`top_k` is an int or None (all regions; resolved once, by gazelit.schema); `routing` (B, Hq, Lq, kk)
+overrides the selection (tests, oracle routing); `stats` collects attended / available visual tokens.
+The cached decode path returns the same (B, Hq, n, D) layout, plus the selection it made.
+
 Modules: layout (token roles and regions), routing (descriptors, scores, top-k), reference (exact mask +
 SDPA, the oracle), segmented (CPU fast path, fused flash kernels per segment), flex (GPU fast path,
 FlexAttention), decode (cached decode over gathered K/V), context (what travels with a forward), hf

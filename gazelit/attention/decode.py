@@ -94,7 +94,7 @@ def decode_attention(
     """Attention of text queries q (B, Hq, n, D) at positions [q_offset, q_offset + n).
 
     k, v: (B, Hkv, S, D) cache with S >= q_offset + n (extra slots of a static cache are ignored).
-    Returns (output (B, n, Hq, D), selected region indices (B, Hq, n, kk), their scores).
+    Returns (output (B, Hq, n, D), as every path, selected region indices (B, Hq, n, kk), their scores).
     `routing` (B, Hq, n, kk) overrides the selection (for tests).
     """
     b, hq, n, d = q.shape
@@ -150,8 +150,7 @@ def decode_attention(
     sizes = [x.shape[-1] for x in logits]
     probs = torch.cat(logits, -1).to(routing_dtype(q.dtype)).softmax(-1).to(q.dtype).split(sizes, -1)
     out = sum(p.reshape(b, hkv, g * n, -1) @ vv for p, (_, vv, _) in zip(probs, parts))
-    out = out.view(b, hq, n, d).transpose(1, 2)
-    return out, sel, sel_scores
+    return out.view(b, hq, n, d), sel, sel_scores
 
 
 def _every_region(q, k, v, layout, state, qpos, scale, avail):
@@ -174,4 +173,4 @@ def _every_region(q, k, v, layout, state, qpos, scale, avail):
     every = torch.arange(r, device=q.device).expand(b, hq, n, r)
     every = torch.where(avail.expand(b, hq, n, r), every, torch.full_like(every, -1))
     scores = region_scores(q, state.descriptors) if r else q.new_zeros(b, hq, n, 0)
-    return out.transpose(1, 2), every, scores.masked_fill(every < 0, float("-inf"))
+    return out, every, scores.masked_fill(every < 0, float("-inf"))

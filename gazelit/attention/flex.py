@@ -170,17 +170,17 @@ def flex_gaze_attention(
     v: torch.Tensor,
     layout: GazeLayout,
     top_k: int | None,
+    *,
     scale: float | None = None,
     q_offset: int = 0,
     shared: bool = False,
-    compiled: bool | None = None,
     routing: torch.Tensor | None = None,
     stats: dict | None = None,
+    compiled: bool | None = None,
 ) -> torch.Tensor:
-    """Exact Gaze Attention through FlexAttention; returns (B, Hq, Lq, D).
+    """Exact Gaze Attention through FlexAttention (the paths' common signature); returns (B, Hq, Lq, D).
 
     `compiled` defaults to True on CUDA (block sparsity only takes effect compiled) and False elsewhere.
-    `routing` (B, Hq, Lq, kk) overrides the top-k selection of text rows.
     """
     table, row_of = text_routing(q, k, layout, top_k, q_offset, shared, routing)
     if stats is not None:

@@ -26,10 +26,14 @@ from gazelit.attention.decode import build_state, decode_attention
 from gazelit.attention.flex import flex_gaze_attention
 from gazelit.attention.layout import TEXT
 from gazelit.attention.reference import reference_attention, reference_routing
-from gazelit.attention.routing import accumulate_visual_stats, selected_tokens
+from gazelit.attention.routing import accumulate_routing_stats
 from gazelit.attention.segmented import segmented_attention
 
 NAME = "gaze"
+
+# Every full-sequence path: the same signature (q, k, v, layout, top_k, *, scale, q_offset, shared,
+# routing, stats) and output layout (B, Hq, Lq, D), statistics collected on each
+PATHS = {"reference": reference_attention, "segmented": segmented_attention, "flex": flex_gaze_attention}
 
 
 def gaze_mask_hook(*args, **kwargs) -> torch.Tensor | None:
@@ -97,26 +101,19 @@ def gaze_attention(
         if ctx.record_routing:
             ctx.routing.append(RoutingRecord(layer, valid - 1, sel[:, :, -1], scores[:, :, -1]))
         if ctx.collect_stats:
-            for b in range(layout.batch_size):
-                accumulate_visual_stats(ctx.stats, layout, b, positions, selected_tokens(layout, b, sel[b]))
+            accumulate_routing_stats(ctx.stats, layout, sel, q0)
         _probe(ctx, layer, query, key, value, q0, scaling)
-        return out, None
+        return out.transpose(1, 2), None
 
     ctx.decode_states.pop(layer, None)  # new units may have arrived; rebuild at the next decode step
     impl = ctx.impl
     if impl == "auto":
         impl = "flex" if query.is_cuda else "segmented"
-    stats = ctx.stats if ctx.collect_stats else None
-    if impl == "segmented":
-        out = segmented_attention(
-            query, key, value, layout, ctx.top_k, scaling, q0, ctx.shared_gqa, ctx.chunk, stats=stats
-        )
-    elif impl == "flex":
-        out = flex_gaze_attention(
-            query, key, value, layout, ctx.top_k, scaling, q0, ctx.shared_gqa, stats=stats
-        ).transpose(1, 2)
-    else:
-        out = reference_attention(query, key, value, layout, ctx.top_k, scaling, q0, ctx.shared_gqa).transpose(1, 2)
+    options = {"chunk": ctx.chunk} if impl == "segmented" else {}
+    out = PATHS[impl](
+        query, key, value, layout, ctx.top_k, scale=scaling, q_offset=q0, shared=ctx.shared_gqa,
+        stats=ctx.stats if ctx.collect_stats else None, **options,
+    ).transpose(1, 2)  # (B, Lq, Hq, D) for transformers (a free view for the segmented path)
     if ctx.record_routing:
         with torch.no_grad():
             idx, sc = reference_routing(query[:, :, -1:], key, layout, ctx.top_k, valid - 1, ctx.shared_gqa)

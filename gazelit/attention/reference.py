@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL, GazeLayout
 from gazelit.attention.routing import (
+    accumulate_routing_stats,
     available_regions,
     region_descriptors,
     region_scores,
@@ -73,17 +74,18 @@ def reference_attention(
     v: torch.Tensor,
     layout: GazeLayout,
     top_k: int | None,
+    *,
     scale: float | None = None,
     q_offset: int = 0,
     shared: bool = False,
     routing: torch.Tensor | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
-    """Exact Gaze Attention. q (B, Hq, Lq, D) at positions [q_offset, q_offset + Lq); k, v (B, Hkv, S, D).
-
-    Returns (B, Hq, Lq, D). `routing` (B, Hq, Lq, kk) overrides the computed top-k indices.
-    Outputs of padding query rows are meaningless (they attend only to themselves).
-    """
+    """Exact Gaze Attention (the paths' common signature; see gazelit.attention). Returns (B, Hq, Lq, D).
+    Outputs of padding query rows are meaningless (they attend only to themselves)."""
     if routing is None:
         routing, _ = reference_routing(q, k, layout, top_k, q_offset=q_offset, shared=shared)
+    if stats is not None:
+        accumulate_routing_stats(stats, layout, routing, q_offset)
     mask = gaze_mask(layout, routing, q_offset, q.shape[2], k.shape[2], q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gazelit.attention.layout import VISUAL, GazeLayout
+from gazelit.attention.layout import TEXT, VISUAL, GazeLayout
 
 
 def routing_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,6 +133,17 @@ def accumulate_visual_stats(
     got = available[counted].sum() * heads if attended is None else attended[:, counted].sum()
     stats["attended_visual"] = stats.get("attended_visual", 0) + float(got)
     stats["available_visual"] = stats.get("available_visual", 0) + float(available[counted].sum() * heads)
+
+
+def accumulate_routing_stats(stats: dict, layout: GazeLayout, routing: torch.Tensor, q_offset: int) -> None:
+    """`accumulate_visual_stats` for the text rows of a whole (B, Hq, Lq, kk) routing (reference path)."""
+    positions = torch.arange(q_offset, q_offset + routing.shape[2], device=routing.device)
+    text = layout.kinds_at(positions) == TEXT  # (B, Lq)
+    for b in range(layout.batch_size):
+        rows = text[b].nonzero().flatten()
+        if rows.numel():
+            attended = selected_tokens(layout, b, routing[b][:, rows])  # (Hq, n)
+            accumulate_visual_stats(stats, layout, b, positions[rows], attended)
 
 
 def selected_tokens(layout: GazeLayout, sample: int, indices: torch.Tensor) -> torch.Tensor:

@@ -326,18 +326,17 @@ def segmented_attention(
     v: torch.Tensor,
     layout: GazeLayout,
     top_k: int | None,
+    *,
     scale: float | None = None,
     q_offset: int = 0,
     shared: bool = False,
-    chunk: int = 128,
-    stats: dict | None = None,
     routing: torch.Tensor | None = None,
+    stats: dict | None = None,
+    chunk: int = 128,
 ) -> torch.Tensor:
-    """Exact Gaze Attention on CPU. q (B, Hq, Lq, D) at positions [q_offset, +Lq); k, v (B, Hkv, S, D).
-
-    Returns (B, Lq, Hq, D) (the layout transformers' attention modules expect). Padding rows are zero.
-    `routing` (B, Hq, Lq, kk) overrides the top-k selection of routed text rows (tests, oracle routing).
-    """
+    """Exact Gaze Attention on CPU (the paths' common signature; see gazelit.attention). Returns
+    (B, Hq, Lq, D), a view of a (B, Lq, Hq, D) buffer, so transformers' layout costs no copy. Padding rows
+    are zero. `chunk`: query rows per masked piece."""
     if q.device.type != "cpu":
         raise RuntimeError("segmented_attention runs on CPU; use the flex path on GPU")
     pieces = plan_pieces(layout, q_offset, q.shape[2], k.shape[2], top_k, chunk)
@@ -350,4 +349,5 @@ def segmented_attention(
                     keep[a - p.q0 : z - p.q0] = False
                 text = positions[keep]
                 accumulate_visual_stats(stats, layout, p.sample, text, heads=q.shape[1])
-    return _SegmentedAttention.apply(q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing)
+    out = _SegmentedAttention.apply(q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing)
+    return out.transpose(1, 2)

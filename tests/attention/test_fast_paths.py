@@ -56,7 +56,7 @@ def test_segmented_equals_reference_forward_and_backward(seed, heads, video, pad
     q, k, v, layout = case.q, case.k, case.v, case.layout
     routing, _ = reference_routing(q, k, layout, top_k)
     ref = reference_attention(q, k, v, layout, top_k, routing=routing)
-    out = segmented_attention(q, k, v, layout, top_k, chunk=4, routing=routing if inject else None).transpose(1, 2)
+    out = segmented_attention(q, k, v, layout, top_k, chunk=4, routing=routing if inject else None)
     real = case.real_rows
     grad = torch.randn_like(ref) * real
     g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
@@ -85,7 +85,7 @@ def test_segmented_routed_masks_on_grids_the_regions_tile_exactly(grids, region,
     q, k, v = (torch.randn(1, h, layout.length, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
     for top_k in (1, 3):
         ref = reference_attention(q, k, v, layout, top_k)
-        out = segmented_attention(q, k, v, layout, top_k, chunk=4).transpose(1, 2)
+        out = segmented_attention(q, k, v, layout, top_k, chunk=4)
         grad = torch.randn_like(ref)
         g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
         g_out = torch.autograd.grad((out * grad).sum(), (q, k, v))
@@ -100,7 +100,7 @@ def test_segmented_float32_and_shared_gqa(shared):
     q, k, v, layout = case.q, case.k, case.v, case.layout
     routing, _ = reference_routing(q, k, layout, 2, shared=shared)
     ref = reference_attention(q, k, v, layout, 2, routing=routing)
-    out = segmented_attention(q, k, v, layout, 2, shared=shared, routing=routing).transpose(1, 2)
+    out = segmented_attention(q, k, v, layout, 2, shared=shared, routing=routing)
     grad = torch.randn_like(ref) * case.real_rows
     g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
     g_out = torch.autograd.grad((out * grad).sum(), (q, k, v))
@@ -115,7 +115,7 @@ def test_segmented_with_a_query_offset_continues_a_cached_sequence():
     q, k, v, layout = case.q, case.k, case.v, case.layout
     start = min(s.units[-1].start for s in layout.samples) - 1  # text, then each sample's last unit
     ref = reference_attention(q[:, :, start:], k, v, layout, 2, q_offset=start)
-    out = segmented_attention(q[:, :, start:], k, v, layout, 2, q_offset=start).transpose(1, 2)
+    out = segmented_attention(q[:, :, start:], k, v, layout, 2, q_offset=start)
     real = case.real_rows[:, :, start:]
     assert ((ref - out) * real).abs().max() < 1e-10
 
@@ -198,7 +198,7 @@ def test_decode_equals_reference(seed, heads, video, padding, m, top_k, shared):
         ref = reference_attention(q[:, :, rows], k[:, :, : start + n], v[:, :, : start + n], layout, top_k,
                                   q_offset=start, shared=shared)
         out, sel, _ = decode_attention(q[:, :, rows], k, v, layout, state, top_k, start, shared=shared)
-        assert (ref.transpose(1, 2) - out).abs().max() < 1e-10
+        assert (ref - out).abs().max() < 1e-10
         want, _ = reference_routing(q[:, :, rows], k[:, :, : start + n], layout, top_k, q_offset=start, shared=shared)
         assert torch.equal(sel, want)
 
@@ -243,6 +243,30 @@ def test_layout_without_units_routes_nothing():
     k = torch.randn(2, 2, 12, 8, dtype=torch.float64)
     v = torch.randn(2, 2, 12, 8, dtype=torch.float64)
     ref = reference_attention(q, k, v, layout, 2)
-    out = segmented_attention(q, k, v, layout, 2).transpose(1, 2)
+    out = segmented_attention(q, k, v, layout, 2)
     real = (layout.kind != PAD)[:, None, :, None]
     assert ((ref - out) * real).abs().max() < 1e-12
+
+
+def test_every_path_has_one_signature_one_layout_and_collects_statistics():
+    """reference, segmented and flex: the same keyword arguments, (B, Hq, Lq, D) out, identical stats."""
+    import inspect
+
+    from gazelit.attention.hf import PATHS
+
+    common = ["q", "k", "v", "layout", "top_k", "scale", "q_offset", "shared", "routing", "stats"]
+    for name, fn in PATHS.items():
+        params = list(inspect.signature(fn).parameters)
+        assert params[: len(common)] == common, name
+    case = make(22, (4, 2), True, "left", 2, dtype=torch.float32)
+    q, k, v, layout = case.q, case.k, case.v, case.layout
+    outs, stats = {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in PATHS.items():
+            stats[name] = {}
+            outs[name] = fn(q, k, v, layout, 2, scale=0.3, q_offset=0, shared=False, stats=stats[name])
+    for name in PATHS:
+        assert outs[name].shape == q.shape
+        assert ((outs[name] - outs["reference"]) * case.real_rows).abs().max() < 1e-5, name
+        assert stats[name] == stats["reference"] and stats[name]["available_visual"] > 0, name

@@ -53,7 +53,7 @@ def test_segmented_hides_frames_of_open_groups_forward_and_backward(seed, t, hea
     assert _text_inside_a_group(layout)
     q, k, v = qkv_for(layout, seed, *heads, grad=True)
     ref = reference_attention(q, k, v, layout, top_k)
-    out = segmented_attention(q, k, v, layout, top_k, chunk=4).transpose(1, 2)
+    out = segmented_attention(q, k, v, layout, top_k, chunk=4)
     real = _real(layout)
     assert ((ref - out) * real).abs().max() < 1e-10
     grad = torch.randn_like(ref) * real
@@ -90,7 +90,7 @@ def test_decode_after_interleaved_frame_groups(seed, t, heads, top_k, shared):
     state = build_state(k, v, layout, length)
     ref = reference_attention(q, k, v, layout, top_k, q_offset=length, shared=shared)
     out, _, _ = decode_attention(q, k, v, layout, state, top_k, length, shared=shared)
-    assert (ref.transpose(1, 2) - out).abs().max() < 1e-10
+    assert (ref - out).abs().max() < 1e-10
 
 
 def test_hf_backend_logits_match_reference_with_text_inside_frame_groups():
@@ -123,7 +123,7 @@ def test_dense_limit_holds_when_no_text_lies_inside_a_frame_group():
     q, k, v = qkv_for(layout, 0, 4, 2, grad=True)
     dense = _dense_causal(q, k, v, layout)
     g_d = torch.autograd.grad(dense.sum(), (q, k, v))
-    for fn in (reference_attention, lambda *a: segmented_attention(*a, chunk=4).transpose(1, 2)):
+    for fn in (reference_attention, lambda *a: segmented_attention(*a, chunk=4)):
         out = fn(q, k, v, layout, None)
         assert (out - dense).abs().max() < 1e-10
         g_o = torch.autograd.grad(out.sum(), (q, k, v))
@@ -137,7 +137,7 @@ def test_dense_limit_gives_way_to_the_candidate_clause_inside_a_frame_group():
     layout = GazeLayout.build([units], 25, 0, RegionShape(2, 2, 2))
     q, k, v = qkv_for(layout, 1, 2, 2)
     dense = _dense_causal(q, k, v, layout)
-    for fn in (reference_attention, lambda *a: segmented_attention(*a, chunk=4).transpose(1, 2)):
+    for fn in (reference_attention, lambda *a: segmented_attention(*a, chunk=4)):
         out = fn(q, k, v, layout, None)
         inside = out[:, :, 10:12]
         # rows 10 and 11 see only text: positions 0, 10, 11 (the first frame is not a candidate yet)
@@ -188,7 +188,7 @@ def test_every_path_follows_the_tie_rule(shared, top_k, monkeypatch):
     rows = routing.permute(0, 2, 1, 3)[after_all]  # (n, Hq, kk)
     assert torch.equal(rows, torch.arange(top_k).expand_as(rows))
     ref = reference_attention(q, k, v, layout, top_k, shared=shared)
-    seg = segmented_attention(q, k, v, layout, top_k, shared=shared, chunk=4).transpose(1, 2)
+    seg = segmented_attention(q, k, v, layout, top_k, shared=shared, chunk=4)
     assert ((ref - seg) * _real(layout)).abs().max() < 1e-10
     monkeypatch.setattr(flex_module, "BLOCK", 8)
     with warnings.catch_warnings():
@@ -201,7 +201,7 @@ def test_every_path_follows_the_tie_rule(shared, top_k, monkeypatch):
     want = reference_attention(qn, k[:1, :, :71], v[:1, :, :71], _first(layout), top_k, q_offset=70, shared=shared)
     got, sel, _ = decode_attention(qn, k[:1], v[:1], _first(layout), state, top_k, 70, shared=shared)
     assert torch.equal(sel[0, :, 0], torch.arange(top_k).expand(4, top_k))
-    assert (want.transpose(1, 2) - got).abs().max() < 1e-10
+    assert (want - got).abs().max() < 1e-10
 
 
 def _first(layout):
@@ -218,7 +218,7 @@ def test_segmented_backward_never_writes_into_the_incoming_gradient(heads, top_k
     layout = frame_group_layout(11, 2, num_context=2)
     q, k, v = qkv_for(layout, 11, *heads, grad=True)
     ref = reference_attention(q, k, v, layout, top_k)
-    out = segmented_attention(q, k, v, layout, top_k, chunk=4).transpose(1, 2)  # (B, Hq, L, D) view
+    out = segmented_attention(q, k, v, layout, top_k, chunk=4)  # (B, Hq, L, D) view
     grad = torch.randn_like(ref) * _real(layout)  # contiguous in (B, Hq, L, D)
     kept = grad.clone()
     g_out = torch.autograd.grad(out, (q, k, v), grad_outputs=grad)
@@ -226,8 +226,8 @@ def test_segmented_backward_never_writes_into_the_incoming_gradient(heads, top_k
     g_ref = torch.autograd.grad(ref, (q, k, v), grad_outputs=grad)
     for a, b in zip(g_ref, g_out):
         assert (a - b).abs().max() < 1e-10
-    # the native (B, L, Hq, D) layout with a contiguous incoming gradient too
-    native = segmented_attention(q, k, v, layout, top_k, chunk=4)
+    # the (B, L, Hq, D) layout transformers uses, with a contiguous incoming gradient too
+    native = segmented_attention(q, k, v, layout, top_k, chunk=4).transpose(1, 2)
     g2 = grad.transpose(1, 2).contiguous()
     kept2 = g2.clone()
     g_nat = torch.autograd.grad(native, (q, k, v), grad_outputs=g2)

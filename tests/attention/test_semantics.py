@@ -47,7 +47,7 @@ def test_k_all_without_context_tokens_is_dense_causal_attention(dtype, tol, impl
     if impl == "reference":
         out = reference_attention(q, k, v, layout, top_k=None)
     else:
-        out = segmented_attention(q, k, v, layout, top_k=None).transpose(1, 2)
+        out = segmented_attention(q, k, v, layout, top_k=None)
     real = case.real_rows  # right padding: real rows never see the padding after them
     grad = torch.randn_like(dense) * real
     g_dense = torch.autograd.grad((dense * grad).sum(), (q, k, v))
@@ -141,7 +141,7 @@ def test_unselected_regions_get_no_gradient_from_routed_queries(impl):
     if impl == "reference":
         out = reference_attention(q, k, v, layout, top_k=1)
     else:
-        out = segmented_attention(q, k, v, layout, top_k=1).transpose(1, 2)
+        out = segmented_attention(q, k, v, layout, top_k=1)
     # upstream gradient only on text rows that have regions to route among
     routed = (layout.kind == TEXT) & (torch.arange(layout.length)[None] >= layout.region_ready.min(1).values[:, None])
     out.backward(torch.randn_like(out) * routed[:, None, :, None])
