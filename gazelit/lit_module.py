@@ -65,6 +65,7 @@ class GazeVLMModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_token_acc = MulticlassAccuracy(num_classes=vocab, ignore_index=-100, average="micro")
         self._skipped: Counter = Counter()
+        self._step_tokens = torch.zeros((), dtype=torch.long)  # supervised tokens of this rank's current step
         self._last_step_end: float | None = None
         self.parallel_plan = None  # gazelit.training.parallel.ParallelPlan; None: plain module
         self._parallelism_applied = False
@@ -95,15 +96,31 @@ class GazeVLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out, ctx = self.model(batch, collect_stats=True)
+        # The loss of an optimiser step is the mean over the supervised tokens of the whole global batch
+        # (every rank, every accumulated micro-batch), not a mean of per-micro-batch means: each micro-batch
+        # contributes its token-loss *sum*; `on_before_optimizer_step` divides the gradients by the global
+        # token count, all-reduced. The factors undo Lightning's 1/accumulate and DDP/FSDP's 1/world size.
+        out, ctx = self.model(batch, collect_stats=True, num_items_in_batch=1)
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        self._step_tokens = self._step_tokens.to(tokens.device) + tokens.detach()
         b = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
+        self.log("train/loss", out.loss.detach() / tokens.clamp(min=1), prog_bar=True, batch_size=b)
         self.log("gaze/top_k", float(self._k_value(ctx)), batch_size=b)
         if ctx is not None and (frac := ctx.attended_visual_fraction()) is not None:
             self.log("gaze/attended_fraction", frac, batch_size=b)
         self._log_skips(batch.get("skipped"), b)
         self._tokens, self._samples = int(batch["attention_mask"].sum()), b
-        return out.loss
+        return out.loss * (self.trainer.world_size * self.trainer.accumulate_grad_batches)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Divide the accumulated gradients by the supervised tokens of the global batch (before clipping)."""
+        total = self.trainer.strategy.reduce(self._step_tokens.to(self.device), reduce_op="sum")
+        scale = 1.0 / max(float(total), 1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self._step_tokens = torch.zeros((), dtype=torch.long)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()

@@ -226,9 +226,15 @@ class GazeVLM(nn.Module):
                 )
         elif bool(((kinds == VISUAL) | (kinds == CONTEXT)).any()):
             raise ValueError("token_kind marks visual or context positions but the batch has no pixel_values")
-        elif self.vision.trainable and self.training:
-            # keep every trainable parameter in the graph (DDP / FSDP) for a batch without images
-            embeds = embeds + 0.0 * self.encode_units(self._blank_image(embeds)).sum()
+        elif self.training or _distributed():
+            # Every rank runs the same modules every step, whatever its batch holds: under FSDP the vision
+            # tower and projector are sharded units whose forward is a collective, so a rank with a
+            # text-only batch passes one blank image through them (and touches the context tokens), all
+            # times zero: the loss and every gradient are exactly those of the text alone.
+            dummy = self.encode_units(self._blank_image(embeds)).sum()
+            if self.num_context:
+                dummy = dummy + self.context_tokens.sum()
+            embeds = embeds + 0.0 * dummy.to(embeds.dtype)
         return embeds, layout
 
     def _blank_image(self, like: torch.Tensor) -> torch.Tensor:
@@ -242,13 +248,20 @@ class GazeVLM(nn.Module):
         k = self.top_k if gaze_k is MODEL_K else gaze_k
         return GazeContext(layout, top_k=k, shared_gqa=g.shared_gqa, impl=g.impl, chunk=g.chunk, **kwargs)
 
-    def forward(self, batch: dict, gaze_k: int | None | object = MODEL_K, collect_stats: bool = False, probe=None):
+    def forward(
+        self, batch: dict, gaze_k: int | None | object = MODEL_K, collect_stats: bool = False, probe=None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ):
         """Causal-LM output (loss on `labels`, logits). With `collect_stats` also the GazeContext, whose
         `attended_visual_fraction()` is the mean selected / available visual tokens per routed query.
-        `probe` is called after every attention layer (see GazeContext.probe)."""
+        `probe` is called after every attention layer (see GazeContext.probe). `num_items_in_batch`
+        (transformers' loss argument): the loss is the sum over supervised tokens divided by it, instead
+        of their mean."""
         embeds, layout = self.embed(batch)
         kwargs = dict(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch.get("labels"),
                       use_cache=False)
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
         if not self.gaze_enabled:
             out = self.llm(**kwargs)
             return (out, None) if collect_stats else out
@@ -361,6 +374,10 @@ class GazeVLM(nn.Module):
         load_exact_weights(model, load_file(str(directory / WEIGHTS_FILE), device=str(map_location)), directory)
         model.top_k = resolve_top_k(saved.get("top_k", config.gaze.top_k))  # "all" or an int in the file
         return model.eval()  # as transformers' from_pretrained: ready for inference
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _config_fields(config: dict) -> dict:
