@@ -17,8 +17,19 @@ from gazelit.datamodules.chat import IGNORE_INDEX
 from gazelit.datamodules.samples import ProcessedSample
 
 
+def bucket_length(length: int, buckets: list[int], multiple: int = 1) -> int:
+    """The padded length: the smallest bucket >= length, else `length` rounded up to `multiple`."""
+    for bucket in buckets:
+        if bucket >= length:
+            return bucket
+    multiple = max(1, multiple)
+    return -(-length // multiple) * multiple
+
+
 class Collator:
-    """Pads to the longest sample, optionally rounded up to a multiple of `pad_to_multiple_of`."""
+    """Pads to the longest sample, rounded up to the smallest of `length_buckets` that holds it (beyond the
+    largest bucket, and without buckets: to a multiple of `pad_to_multiple_of`). Buckets bound the number of
+    distinct batch shapes, hence of compilations of the compiled attention."""
 
     def __init__(
         self,
@@ -27,19 +38,20 @@ class Collator:
         num_context: int,
         pixel_shape: tuple[int, int, int],
         pad_to_multiple_of: int = 1,
+        length_buckets: list[int] | tuple[int, ...] = (),
     ):
         self.pad_token_id = pad_token_id
         self.visual_grid = tuple(visual_grid)
         self.num_context = num_context
         self.pixel_shape = tuple(pixel_shape)
         self.pad_to_multiple_of = max(1, pad_to_multiple_of)
+        self.length_buckets = sorted(int(b) for b in length_buckets)
 
     def __call__(self, samples: list[ProcessedSample], skipped: dict[str, int] | None = None) -> dict[str, Any]:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         lengths = [len(s.tokens) for s in samples]
-        multiple = self.pad_to_multiple_of
-        length = -(-max(lengths) // multiple) * multiple
+        length = bucket_length(max(lengths), self.length_buckets, self.pad_to_multiple_of)
         b = len(samples)
         input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)

@@ -83,6 +83,7 @@ class GazeDataModule(L.LightningDataModule):
             self.num_context,
             self.processor.pixel_shape,
             self.config.pad_to_multiple_of,
+            self.config.length_buckets,
         )
 
     def stream_options(self, batch_size: int, shuffle: bool) -> StreamOptions:

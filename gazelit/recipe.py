@@ -112,6 +112,8 @@ def _check_values(recipe: Recipe) -> None:
         ("data.val_batch_size", d.val_batch_size, d.val_batch_size is None or d.val_batch_size >= 1, ">= 1"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
         ("data.max_length", d.max_length, d.max_length >= 1, ">= 1"),
+        ("data.length_buckets", d.length_buckets, all(b >= 1 for b in d.length_buckets)
+         and list(d.length_buckets) == sorted(set(d.length_buckets)), "ascending positive lengths"),
         ("data.max_skip_fraction", d.max_skip_fraction, 0 <= d.max_skip_fraction <= 1, "in [0, 1]"),
         ("data.skip_check_min_samples", d.skip_check_min_samples, d.skip_check_min_samples >= 1, ">= 1"),
         ("trainer.devices", t.devices, not isinstance(t.devices, int) or t.devices >= 1, ">= 1 (or 'auto')"),

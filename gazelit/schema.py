@@ -186,6 +186,9 @@ class DataConfig:
     max_length: int = 2048
     system_prompt: str | None = "You are a helpful assistant."
     pad_to_multiple_of: int = 1
+    # batches padded to the smallest bucket that holds them (compiled FlexAttention compiles once per
+    # bucket instead of once per length); [] pads to the longest sample (rounded to pad_to_multiple_of)
+    length_buckets: list[int] = field(default_factory=list)
 
     max_frames: int = 32
     fps: float = 1.0  # video frames sampled per second
