@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L

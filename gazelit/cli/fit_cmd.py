@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     kept = [o for o in args.overrides if not o.startswith(("resume=", "init_from="))]
     again = "gazelit fit " + shlex.join([args.recipe, *kept, "resume=auto"])
+    import torch.distributed as dist
+
+    grouped_before = dist.is_available() and dist.is_initialized()
     try:
         result = fit(recipe, continue_command=again)
     except (RunSetupError, CheckpointError) as e:
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if result.is_global_zero:
         print("\n" + result.summary(), flush=True)
-    _end_distributed_process()
+    if not grouped_before:  # only a process group this fit created (a caller's own group is the caller's)
+        _end_distributed_process()
     return 0
 
 

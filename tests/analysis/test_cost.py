@@ -7,7 +7,7 @@ import pytest
 from gazelit.analysis import cost
 from gazelit.cli import main
 
-from .tiny_models import model_config, write_recipe
+from ..builders import model_config, write_recipe
 
 
 def test_paper_section_3_5_example():

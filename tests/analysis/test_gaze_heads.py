@@ -17,7 +17,7 @@ from gazelit.tokenizer import build_tiny_tokenizer
 
 from gazelit.datamodules.demo_data import COLOURS
 
-from .tiny_models import tiny_vlm
+from ..builders import tiny_vlm
 
 LAYER, HEAD = 0, 3  # the head made to track the described panel (KV head 1 of 2)
 

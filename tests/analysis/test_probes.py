@@ -6,8 +6,8 @@ import torch
 from gazelit.analysis.probes import GenerationMapProbe, RowMapProbe, require_gaze
 from gazelit.attention import VISUAL, use_gaze
 
-from ..models.vlm_batches import make_batch
-from .tiny_models import tiny_vlm
+from ..batches import make_batch
+from ..builders import tiny_vlm
 
 
 def test_row_maps_equal_eager_attention_weights_of_the_dense_twin():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import warnings
 
-import torch
 
 from gazelit.attention import PAD, GazeLayout, RegionShape, Unit, reference_attention
 from gazelit.attention.flex import compilations, flex_gaze_attention

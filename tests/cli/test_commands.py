@@ -7,7 +7,7 @@ from gazelit.cli.loading import load_model
 
 from gazelit.datamodules.inference import Prompt, PromptEncoder, load_image
 
-from ..analysis.tiny_models import picture, tiny_vlm
+from ..builders import picture, tiny_vlm
 
 
 def test_commands_are_registered():

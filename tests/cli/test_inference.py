@@ -10,7 +10,7 @@ from gazelit.datamodules.chat import ChatEncoder
 from gazelit.datamodules.inference import Prompt, PromptEncoder, left_pad, load_frames_dir, load_video_frames
 from gazelit.datamodules.skips import SkipSample
 
-from ..analysis.tiny_models import picture, tiny_vlm
+from ..builders import picture, tiny_vlm
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from gazelit.cli.loading import load_checkpoint_weights, load_model
 from gazelit.lit_module import GazeVLMModule
 
-from ..analysis.tiny_models import tiny_vlm, write_recipe
+from ..builders import tiny_vlm, write_recipe
 
 
 def _same_weights(a, b) -> bool:

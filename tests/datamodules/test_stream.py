@@ -21,7 +21,7 @@ from .data_test_helpers import (
 from gazelit.datamodules.chat import IGNORE_INDEX
 from gazelit.schema import SourceConfig
 from gazelit.datamodules.convert import convert
-from gazelit.datamodules.skips import STREAM_SKIP_REASONS, SkipFractionExceeded
+from gazelit.datamodules.skips import SkipFractionExceeded
 from gazelit.attention.layout import CONTEXT, PAD, VISUAL, GazeLayout
 from gazelit.batch import check_batch
 

@@ -7,7 +7,7 @@ import pytest
 
 from gazelit.eval.data import load_benchmark, parse_options
 
-from ..analysis.tiny_models import picture
+from ..builders import picture
 
 
 def test_option_layouts():

@@ -9,7 +9,7 @@ from gazelit.eval.data import load_benchmark
 from gazelit.eval.runner import evaluate, format_table
 from gazelit.eval.scorers import get_scorer
 
-from ..analysis.tiny_models import picture, tiny_vlm
+from ..builders import picture, tiny_vlm
 
 QUESTIONS = ["Is there a red square?", "What colour is the circle?", "Is it blue?", "yes or no?",
              "Is there a circle?", "What is left of the square?"]

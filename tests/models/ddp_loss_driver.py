@@ -21,7 +21,7 @@ from gazelit.schema import OptimConfig, StrategyConfig, TrainConfig, TrainerConf
 from gazelit.training.parallel import build_strategy
 
 from .test_global_loss import config, model
-from .vlm_batches import make_batch
+from ..batches import make_batch
 
 RANK_SAMPLES = {  # (samples, seed) per rank: 4 supervised tokens against 41
     0: ([[("image",), ("text", 4)]], 1),
@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     from gazelit.models.gaze_vlm import GazeVLM
 
-    from .test_models_gaze_vlm import TOKENIZER
+    from ..builders import TOKENIZER
 
     lit = GazeVLMModule(cfg, TrainConfig(optim=OptimConfig(warmup_steps=0, schedule="constant")),
                         model=GazeVLM.build(cfg, tokenizer=TOKENIZER))

@@ -13,7 +13,7 @@ import torch
 
 from .ddp_loss_driver import RANK_SAMPLES
 from .test_global_loss import model
-from .vlm_batches import make_batch
+from ..batches import make_batch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -6,30 +6,23 @@ from __future__ import annotations
 import copy
 
 import lightning as L
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from gazelit.lit_module import GazeVLMModule
 from gazelit.models.gaze_vlm import GazeVLM
-from gazelit.models.tiny import TINY_LLM, TINY_VISION
-from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, OptimConfig, TrainConfig, VisionSpec
+from gazelit.schema import OptimConfig, TrainConfig
 
-from .test_models_gaze_vlm import TOKENIZER
-from .vlm_batches import make_batch
+from ..builders import model_config, tiny_vlm
+from ..batches import make_batch
 
 
-def config(trainable_vision: bool = True) -> ModelConfig:
-    return ModelConfig(
-        vision=VisionSpec("siglip2", config=copy.deepcopy(TINY_VISION["siglip2"]), trainable=trainable_vision),
-        llm=LLMSpec(config=copy.deepcopy(TINY_LLM["qwen3"])),
-        gaze=GazeSpec(top_k=2, region=[2, 2], num_context=2),
-    )
+def config(trainable_vision: bool = True):
+    return model_config(vision_trainable=trainable_vision)
 
 
 def model() -> GazeVLM:
-    torch.manual_seed(0)
-    return GazeVLM.build(config(), tokenizer=TOKENIZER)
+    return tiny_vlm(vision_trainable=True).train()
 
 
 def test_a_text_only_batch_runs_the_vision_tower_at_zero_weight():

@@ -1,48 +1,22 @@
 """GazeVLM: every encoder x LLM family, splicing, conv compression, batches, generation, save/load, errors."""
 
-import copy
 
 import pytest
 import torch
 
 from gazelit.attention import CONTEXT, VISUAL
-from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
-from gazelit.tokenizer import build_tiny_tokenizer
 
-from .vlm_batches import make_batch
-
-TOKENIZER = build_tiny_tokenizer(["what colour is the red circle at the top left"] * 4, vocab_size=300)
-
-
-def tiny_vlm(vision="siglip2", llm="qwen3", projector="mlp2x_gelu", enabled=True, top_k=2, m=2,
-             region=(2, 2), pool=1, image_size=None, seed=0):
-    torch.manual_seed(seed)
-    vcfg = copy.deepcopy(TINY_VISION[vision])
-    if image_size:
-        vcfg["image_size"] = image_size
-    config = ModelConfig(
-        vision=VisionSpec(vision, config=vcfg),
-        projector=ProjectorSpec(projector),
-        llm=LLMSpec(config=copy.deepcopy(TINY_LLM[llm])),
-        gaze=GazeSpec(enabled=enabled, top_k=top_k, region=list(region), num_context=m),
-        visual_pool=pool,
-    )
-    return GazeVLM.build(config, tokenizer=TOKENIZER)
-
-
-MIXED = [
-    [("text", 3), ("image",), ("text", 2), ("image",), ("text", 5)],  # text before, between, after
-    [("text", 4)],  # text-only sample in the same batch
-    [("text", 2), ("video", 3), ("text", 4)],  # a video: three frames, each a unit
-]
+from ..batches import make_batch
+from ..builders import MIXED, TOKENIZER, tiny_vlm
 
 
 @pytest.mark.parametrize("vision", sorted(TINY_VISION))
 @pytest.mark.parametrize("llm", sorted(TINY_LLM))
 def test_every_encoder_with_every_llm_trains_and_generates(vision, llm):
-    model = tiny_vlm(vision, llm)
+    model = tiny_vlm(vision=vision, llm=llm)
     batch = make_batch(model, MIXED)
     out, ctx = model(batch, collect_stats=True)
     assert torch.isfinite(out.loss)
@@ -112,7 +86,7 @@ def test_greedy_generation_at_k_all_without_context_equals_the_dense_model():
 
 
 def test_save_and_load_restore_identical_logits(tmp_path):
-    model = tiny_vlm("clip", "llama", projector="conv_mlp2x_gelu", top_k=1).eval()
+    model = tiny_vlm(vision="clip", llm="llama", projector="conv_mlp2x_gelu", top_k=1).eval()
     with torch.no_grad():
         model.context_tokens.add_(1.0)  # not the init values
     model.top_k = 3

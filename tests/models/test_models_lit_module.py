@@ -1,6 +1,5 @@
 """GazeVLMModule: stage freeze policy, optimiser groups and schedule, a short fit, validation metrics."""
 
-import copy
 
 import lightning as L
 import pytest
@@ -8,24 +7,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from gazelit.lit_module import GazeVLMModule, TrainConfig, trainable_parameter_counts
-from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, VisionSpec
-from gazelit.models.gaze_vlm import GazeVLM
-from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.optim import OptimConfig, build_optimizer, lr_multiplier, parameter_groups
 
-from .test_models_gaze_vlm import MIXED, TOKENIZER
-from .vlm_batches import make_batch
+from ..builders import MIXED, tiny_vlm
+from ..batches import make_batch
 
 
 def module(stage, vision_trainable=False, optim=None):
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vision=VisionSpec("siglip2", config=copy.deepcopy(TINY_VISION["siglip2"]), trainable=vision_trainable),
-        llm=LLMSpec(config=copy.deepcopy(TINY_LLM["qwen3"])),
-        gaze=GazeSpec(top_k=2, region=[2, 2], num_context=2),
-    )
-    model = GazeVLM.build(config, tokenizer=TOKENIZER)
-    return GazeVLMModule(config, TrainConfig(stage=stage, optim=optim or OptimConfig(weight_decay=0.1)), model=model)
+    model = tiny_vlm(vision_trainable=vision_trainable).train()
+    return GazeVLMModule(model.config, TrainConfig(stage=stage, optim=optim or OptimConfig(weight_decay=0.1)),
+                         model=model)
 
 
 @pytest.mark.parametrize("stage,vision_trainable", [("align", False), ("finetune", False), ("finetune", True)])

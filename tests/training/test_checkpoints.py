@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import lightning as L
 import pytest
@@ -11,23 +10,18 @@ from torch.utils.data import DataLoader
 
 from gazelit.cli import main as cli
 from gazelit.lit_module import GazeVLMModule, TrainConfig
-from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, TokenizerSpec, VisionSpec
+from gazelit.schema import ModelConfig, TokenizerSpec
 from gazelit.models.gaze_vlm import GazeVLM
-from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.training.checkpoints import WeightMismatchError, export_checkpoint, load_matching_weights, model_state
 
-from ..models.test_models_gaze_vlm import MIXED
-from ..models.vlm_batches import make_batch
+from ..builders import MIXED, model_config
+from ..batches import make_batch
 
 
 def config(num_context=2, projector="mlp2x_gelu", corpus=None) -> ModelConfig:
-    return ModelConfig(
-        vision=VisionSpec("siglip2", config=copy.deepcopy(TINY_VISION["siglip2"])),
-        projector=ProjectorSpec(projector),
-        llm=LLMSpec(config=copy.deepcopy(TINY_LLM["qwen3"])),
-        tokenizer=TokenizerSpec(tiny_corpus=str(corpus)),
-        gaze=GazeSpec(top_k=2, region=[2, 2], num_context=num_context),
-    )
+    config = model_config(m=num_context, projector=projector)
+    config.tokenizer = TokenizerSpec(tiny_corpus=str(corpus))
+    return config
 
 
 @pytest.fixture

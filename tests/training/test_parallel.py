@@ -7,25 +7,16 @@ import copy
 import pytest
 import torch
 
-from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, TokenizerSpec, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
-from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.recipe import StrategyConfig, TrainerConfig
 from gazelit.training.parallel import ParallelPlan, apply_parallelism, blocks_of, build_strategy, checkpoint_blocks
 
-from ..models.test_models_gaze_vlm import MIXED, TOKENIZER
-from ..models.vlm_batches import make_batch
+from ..builders import MIXED, tiny_vlm
+from ..batches import make_batch
 
 
 def tiny_model(top_k=2) -> GazeVLM:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vision=VisionSpec("siglip2", config=copy.deepcopy(TINY_VISION["siglip2"]), trainable=True, feature_layer=-1),
-        llm=LLMSpec(config=copy.deepcopy(TINY_LLM["qwen3"])),
-        tokenizer=TokenizerSpec(),
-        gaze=GazeSpec(top_k=top_k, region=[2, 2], num_context=2),
-    )
-    return GazeVLM.build(config, tokenizer=TOKENIZER)
+    return tiny_vlm(top_k=top_k, vision_trainable=True, feature_layer=-1).train()
 
 
 def gradients(model, batch) -> dict[str, torch.Tensor]:

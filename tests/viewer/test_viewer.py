@@ -14,7 +14,7 @@ from gazelit.viewer.stills import region_frequency, still, write_stills
 
 from gazelit.datamodules.inference import Prompt
 
-from ..analysis.tiny_models import picture, tiny_vlm
+from ..builders import picture, tiny_vlm
 from .cdp import Browser, find_chromium
 
 

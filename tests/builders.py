@@ -1,4 +1,6 @@
-"""Tiny random-init GazeVLMs, images and recipes for the eval / viewer / analysis / CLI tests."""
+"""The tests' one set of tiny builders: the tokenizer, model configs and GazeVLMs of every family, tiny
+stock LLMs for the attention backend, sample layouts, pictures and recipes. Hand-built batches are in
+tests/batches.py. Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
@@ -25,9 +27,16 @@ TOKENIZER = build_tiny_tokenizer(CORPUS, vocab_size=400)
 
 
 def model_config(top_k=2, m=2, region=(2, 2), enabled=True, llm="qwen3", vision="siglip2",
-                 projector="mlp2x_gelu", pool=1) -> ModelConfig:
+                 projector="mlp2x_gelu", pool=1, image_size=None, vision_trainable=False,
+                 feature_layer=None) -> ModelConfig:
+    vcfg = copy.deepcopy(TINY_VISION[vision])
+    if image_size:
+        vcfg["image_size"] = image_size
+    spec = VisionSpec(vision, config=vcfg, trainable=vision_trainable)
+    if feature_layer is not None:
+        spec.feature_layer = feature_layer
     return ModelConfig(
-        vision=VisionSpec(vision, config=copy.deepcopy(TINY_VISION[vision])),
+        vision=spec,
         projector=ProjectorSpec(projector),
         llm=LLMSpec(config=copy.deepcopy(TINY_LLM[llm])),
         gaze=GazeSpec(enabled=enabled, top_k=top_k, region=list(region), num_context=m),
@@ -36,9 +45,18 @@ def model_config(top_k=2, m=2, region=(2, 2), enabled=True, llm="qwen3", vision=
 
 
 def tiny_vlm(seed: int = 0, tokenizer=TOKENIZER, **kwargs) -> GazeVLM:
-    """A 4x4-grid (32 px, 8 px patches) VLM with a 2-layer, 4-head / 2-KV-head LLM, in eval mode."""
+    """A 4x4-grid (32 px, 8 px patches) VLM with a 2-layer, 4-head / 2-KV-head LLM, in eval mode
+    (`model_config` takes the keyword arguments)."""
     torch.manual_seed(seed)
     return GazeVLM.build(model_config(**kwargs), tokenizer=tokenizer).eval()
+
+
+# samples for tests/batches.make_batch: text around images, a text-only sample, a 3-frame video
+MIXED = [
+    [("text", 3), ("image",), ("text", 2), ("image",), ("text", 5)],  # text before, between, after
+    [("text", 4)],  # text-only sample in the same batch
+    [("text", 2), ("video", 3), ("text", 4)],  # a video: three frames, each a unit
+]
 
 
 def picture(colour=(220, 40, 40), size=(64, 48), shape="circle") -> Image.Image:
