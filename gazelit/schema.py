@@ -99,6 +99,13 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         """Check values that types alone cannot; returns self."""
         self.gaze.top_k = resolve_top_k(self.gaze.top_k)  # k is an int or None (all) from here on
+        for name, spec in (("vision", self.vision), ("llm", self.llm)):
+            if spec.pretrained is None and spec.config is None:
+                raise ValueError(f"model.{name}: give `pretrained` (a checkpoint) or `config` (a random init)")
+            if spec.pretrained is not None:
+                # a checkpoint replaces a recipe's config: `model.llm.pretrained=DIR` on the demo recipe
+                # needs no `model.llm.config=null` beside it
+                spec.config = None
         for key, what, value, names in (
             ("model.vision.family", "vision family", self.vision.family, VISION_FAMILY_NAMES),
             ("model.projector.kind", "projector kind", self.projector.kind, PROJECTOR_KINDS),
@@ -120,9 +127,6 @@ class ModelConfig:
             raise ValueError(f"model.gaze.num_context must be >= 0, got {self.gaze.num_context}")
         if self.visual_pool < 1:
             raise ValueError(f"model.visual_pool must be >= 1, got {self.visual_pool}")
-        for name, spec in (("vision", self.vision), ("llm", self.llm)):
-            if (spec.pretrained is None) == (spec.config is None):
-                raise ValueError(f"model.{name}: give exactly one of `pretrained` and `config`")
         return self
 
     @property

@@ -251,9 +251,15 @@ class VisionEncoder(nn.Module):
             )
 
     @classmethod
+    def common_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Translate the ViT fields every family understands (hidden_size, intermediate_size, layers, heads,
+        image_size, patch_size) into this family's names, so a recipe swaps families with one key."""
+        return fields
+
+    @classmethod
     def config_from_mapping(cls, mapping: Mapping[str, Any]) -> PretrainedConfig:
         """A config from plain fields; unknown field names are an error (transformers would keep them)."""
-        fields = dict(mapping)
+        fields = cls.common_fields(dict(mapping))
         config_cls = cls.config_class_for(fields)
         model_type = fields.pop("model_type", config_cls.model_type)
         cls.check_model_type(model_type)

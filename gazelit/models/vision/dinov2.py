@@ -42,6 +42,18 @@ class Dinov2VisionEncoder(VisionEncoder):
     unused_modules = ("layernorm",)
 
     @classmethod
+    def common_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """DINOv2 sizes its MLP by `mlp_ratio`; `intermediate_size` (the other families' name) maps onto it."""
+        if "intermediate_size" in fields:
+            intermediate = fields.pop("intermediate_size")
+            hidden = fields.get("hidden_size", Dinov2Config().hidden_size)
+            if intermediate % hidden:
+                raise ValueError(f"dinov2: intermediate_size {intermediate} must be a multiple of hidden_size "
+                                 f"{hidden} (DINOv2 sets its MLP width as hidden_size x mlp_ratio)")  # fmt: skip
+            fields.setdefault("mlp_ratio", intermediate // hidden)
+        return fields
+
+    @classmethod
     def config_class_for(cls, mapping: Mapping[str, Any]) -> type[PretrainedConfig]:
         registers = mapping.get("model_type") == "dinov2_with_registers" or "num_register_tokens" in mapping
         return Dinov2WithRegistersConfig if registers else Dinov2Config
