@@ -43,6 +43,8 @@ from gazelit.models.vision import VisionEncoder, build_vision_encoder
 from gazelit.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE
+LLM_DIR = "llm"  # the LLM as a standard transformers directory inside a model directory
+LLM_PREFIX = "llm."
 
 
 # default of `gaze_k`: the model's own k (GazeVLM.top_k), whatever the schedule has set it to
@@ -348,7 +350,10 @@ class GazeVLM(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write gazelit_config.json (with the backbones' configs), model.safetensors and the tokenizer."""
+        """A model directory: gazelit_config.json (with the backbones' configs), model.safetensors (vision
+        tower, projector, context tokens), the tokenizer, and `llm/`, the LLM as a standard transformers
+        directory (config.json, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` and
+        serving stacks load as a text model. Every file is readable by the group (0644)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
@@ -358,10 +363,20 @@ class GazeVLM(nn.Module):
         config["llm"].update(pretrained=None, config=_config_fields(self.llm.config.to_dict()))
         config["tokenizer"].update(pretrained=None, tiny_corpus=None)
         config["llm"]["dtype"] = str(next(self.llm.parameters()).dtype).replace("torch.", "")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(LLM_PREFIX)}
         save_file(_untie(state), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps({"model": config, "top_k": _k_str(self.top_k)}, indent=2))
         self.tokenizer.save_pretrained(str(directory))
+        llm_dir = directory / LLM_DIR
+        attn = self.llm.config._attn_implementation
+        try:  # the exported LLM is a plain transformers model: its own attention, not the gaze backend
+            self.llm.config._attn_implementation = "sdpa"
+            self.llm.save_pretrained(str(llm_dir), safe_serialization=True)
+        finally:
+            self.llm.config._attn_implementation = attn
+        self.tokenizer.save_pretrained(str(llm_dir))
+        for path in directory.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         return directory
 
     @classmethod
@@ -371,9 +386,19 @@ class GazeVLM(nn.Module):
         config = ModelConfig.from_dict(saved["model"])
         config.tokenizer.pretrained = str(directory)
         model = cls.build(config)
-        load_exact_weights(model, load_file(str(directory / WEIGHTS_FILE), device=str(map_location)), directory)
+        load_exact_weights(model, saved_state(directory, map_location), directory)
         model.top_k = resolve_top_k(saved.get("top_k", config.gaze.top_k))  # "all" or an int in the file
         return model.eval()  # as transformers' from_pretrained: ready for inference
+
+
+def saved_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The GazeVLM state dict of a model directory: model.safetensors, plus the LLM's own safetensors
+    files under llm/ (prefixed `llm.`) where the directory has them."""
+    directory = Path(directory)
+    state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
+    for shard in sorted((directory / LLM_DIR).glob("*.safetensors")):
+        state.update({LLM_PREFIX + k: v for k, v in load_file(str(shard), device=str(map_location)).items()})
+    return state
 
 
 def _distributed() -> bool:

@@ -90,10 +90,10 @@ def model_state(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint or model directory at {path}")
     if is_model_dir(path):
-        from safetensors.torch import load_file
+        from gazelit.models.gaze_vlm import saved_state
 
         try:
-            return load_file(str(path / MODEL_WEIGHTS_FILE))
+            return saved_state(path)
         except Exception as e:  # safetensors raises its own error types for damaged headers
             raise CheckpointError(f"{path / MODEL_WEIGHTS_FILE}: unreadable ({type(e).__name__}: {e})") from None
     if path.is_dir() and not is_sharded_checkpoint(path):

@@ -123,3 +123,28 @@ def test_bad_inputs_name_what_is_wrong():
     kinds[0, kinds[0] == CONTEXT] = 0
     with pytest.raises(ValueError, match="token_kind says text"):
         model(dict(batch, token_kind=kinds))
+
+
+def test_the_exported_llm_loads_in_transformers_with_the_same_logits(tmp_path):
+    import stat
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = tiny_vlm(top_k=2)
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # weights unlike a fresh init
+    model.save_pretrained(tmp_path / "export")
+    llm_dir = tmp_path / "export" / "llm"
+    assert AutoConfig.from_pretrained(llm_dir).model_type == "qwen3"
+    served = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    ids = torch.randint(3, 200, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(served(input_ids=ids).logits, model.llm(input_ids=ids).logits, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(llm_dir)("what colour").input_ids == model.tokenizer("what colour").input_ids
+    for path in (tmp_path / "export").rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path  # group and others may read
+    again = GazeVLM.from_pretrained(tmp_path / "export")
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
