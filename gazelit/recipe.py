@@ -57,8 +57,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), p
     """Read, merge (extends, overrides), validate and resolve a recipe; with `paths`, also check that the
     data, init_from and resume paths exist (`check_paths`)."""
     layers = [(str(p), cfg) for p, cfg in _read_with_bases(Path(path))]
-    if overrides:
-        layers.append(("command line", _dotlist(overrides)))
+    merges, edits = _split_overrides(overrides)
+    if merges:
+        layers.append(("command line", _dotlist(merges)))
     schema = OmegaConf.structured(Recipe)
     for source, cfg in layers:  # validate each layer alone first: errors then name their file
         try:
@@ -68,6 +69,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), p
                 raise _recipe_error(e, source) from None
     try:
         merged = OmegaConf.merge(schema, *[cfg for _, cfg in layers])
+        for kind, key, value in edits:
+            _apply_edit(merged, schema, kind, key, value)
         recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _recipe_error(e, str(path)) from None
@@ -216,6 +219,41 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path
         layers += _read_with_bases(path.parent / str(base), (*seen, path))
     layers.append((path, cfg))
     return layers
+
+
+def _split_overrides(overrides) -> tuple[list[str], list[tuple[str, str, str | None]]]:
+    """`key=value` merges (a mapping value merges into the mapping); `~key` deletes (the key returns to the
+    schema's default: `~demo` removes the optional section); `key:=value` replaces a value outright (a
+    mapping value replaces the whole mapping)."""
+    merges, edits = [], []
+    for item in overrides:
+        if item.startswith("~"):
+            edits.append(("delete", item[1:].split("=", 1)[0], None))
+        elif item.partition("=")[0].endswith(":"):
+            key, _, value = item.partition("=")
+            edits.append(("replace", key[:-1], value))
+        else:
+            merges.append(item)
+    return merges, edits
+
+
+def _apply_edit(merged: DictConfig, schema: DictConfig, kind: str, key: str, value: str | None) -> None:
+    if OmegaConf.select(merged, key, default=_MISSING) is _MISSING and kind == "delete":
+        raise RecipeError(f"command line: key {key!r}: nothing to delete"
+                          + (f"; closest valid key: {hint}" if (hint := _closest_key(key)) else ""))  # fmt: skip
+    try:
+        if kind == "delete":
+            default = OmegaConf.select(schema, key, default=None)
+            OmegaConf.update(merged, key, OmegaConf.to_container(default) if isinstance(default, DictConfig) else default,
+                             merge=False)  # fmt: skip
+        else:
+            parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
+            OmegaConf.update(merged, key, parsed, merge=False)
+    except OmegaConfBaseException as e:
+        raise _recipe_error(e, "command line") from None
+
+
+_MISSING = object()
 
 
 def _dotlist(overrides) -> DictConfig:

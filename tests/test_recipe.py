@@ -135,3 +135,17 @@ def test_k_is_resolved_once_when_the_recipe_loads(tmp_path, written, resolved):
     assert recipe.model.gaze.top_k == resolved and not isinstance(recipe.model.gaze.top_k, str)
     again = load_recipe(base, [f"model.gaze.top_k={recipe.model.gaze.top_k if resolved is not None else 'null'}"])
     assert again.model.gaze.top_k == resolved  # the resolved recipe reads back the same
+
+
+def test_overrides_delete_with_tilde_and_replace_with_colon_equals(tmp_path):
+    base = write(tmp_path, "base.yaml", BASE + "init_from: /some/weights\n")
+    recipe = load_recipe(base, ["~trainer.max_steps", "~init_from"])
+    assert recipe.trainer.max_steps == 1000 and recipe.init_from is None  # back to the schema defaults
+    merged = load_recipe(base, ["model.vision.config={patch_size: 8}"])
+    assert merged.model.vision.config == {"hidden_size": 32, "patch_size": 8}  # `=` merges a mapping
+    replaced = load_recipe(base, ["model.vision.config:={patch_size: 8}"])
+    assert replaced.model.vision.config == {"patch_size": 8}  # `:=` replaces it
+    nulled = load_recipe(base, ["model.llm.config=null", "model.llm.pretrained=/local/llm"])
+    assert nulled.model.llm.config is None and nulled.model.llm.pretrained == "/local/llm"
+    with pytest.raises(RecipeError, match="nothing to delete; closest valid key: model.gaze.top_k"):
+        load_recipe(base, ["~model.gaze.topk"])
