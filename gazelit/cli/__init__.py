@@ -13,6 +13,7 @@ import sys
 # command modules, in the order `gazelit --help` lists them
 COMMANDS = [
     "gazelit.cli.convert_cmd",
+    "gazelit.cli.index_cmd",
     "gazelit.cli.cost_cmd",
     "gazelit.cli.eval_cmd",
     "gazelit.cli.generate_cmd",

@@ -10,6 +10,7 @@ import pytest
 from .data_test_helpers import build_raw_dataset, raw_samples
 from gazelit.datamodules.convert import add_convert_arguments, convert, run_convert
 from gazelit.datamodules.manifest import Manifest
+from gazelit.schema import SourceConfig
 
 
 EXPECTED_SKIPS = {
@@ -91,3 +92,31 @@ def test_manifest_shard_names_cannot_leave_their_directory(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "shards": [{"name": name, "samples": 1}]}))
         with pytest.raises(ValueError, match="inside the manifest's directory"):
             Manifest.load(tmp_path)
+
+
+def test_gazelit_index_makes_stock_webdataset_shards_streamable(tmp_path, make_datamodule, capsys):
+    import json as _json
+
+    from webdataset import ShardWriter
+
+    from gazelit.cli import main
+    from gazelit.datamodules.manifest import check_shards
+
+    from .data_test_helpers import conversation, png
+
+    out = tmp_path / "stock"
+    out.mkdir()
+    with ShardWriter(str(out / "part-%04d.tar"), maxcount=7, verbose=0) as sink:
+        for i in range(17):
+            record = {"id": f"s{i}", "image": "a.png", "conversations": conversation()}
+            sink.write({"__key__": f"k{i:05d}", "json": _json.dumps(record).encode(), "png": png()})
+    assert main(["index", str(out)]) == 0
+    manifest = Manifest.load(out)
+    assert [s.samples for s in manifest.shards] == [7, 7, 3]
+    assert check_shards(manifest, hashes=True) == {}
+    assert main(["index", str(out)]) == 2  # an existing manifest is kept unless --overwrite
+    assert "exists" in capsys.readouterr().err
+    stream = make_datamodule([out], batch_size=4).make_stream([SourceConfig(str(out))], 4, shuffle=False,
+                                                            fixed_length=False)  # fmt: skip
+    ids = sorted(m["id"] for b in stream for m in b["meta"])
+    assert ids == sorted(f"s{i}" for i in range(17))
