@@ -13,17 +13,23 @@ import sys
 from pathlib import Path
 
 from gazelit.cli.loading import add_model_arguments, model_from_args
-from gazelit.eval.scorers import SCORERS, OCRBenchScorer, get_scorer
+from gazelit.eval.scorers import SCORERS, SOURCES, OCRBenchScorer, get_scorer
 
 
 def register(subparsers) -> None:
+    epilog = "benchmarks: columns read; where to get the files (as parquet; a directory or glob of shards works)\n"
+    epilog += "\n".join(f"  {name:10s} {cols}\n  {'':10s} {where}" for name, (cols, where) in SOURCES.items())
+    epilog += "\n\nthe demo's test split: --bench gqa --data data/demo/raw/test.jsonl --media-root data/demo/raw/media"
     parser = subparsers.add_parser(
         "eval", help="score a model on an image or video QA benchmark file",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument("--bench", required=True, choices=sorted(SCORERS), help="benchmark (scoring rule)")
-    parser.add_argument("--data", required=True, metavar="PATH", help="benchmark file (.jsonl, .json, .parquet)")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="benchmark file (.parquet, .jsonl, .json, .csv), a directory of them, or a glob")
+    parser.add_argument("--images", default=None, metavar="PATH",
+                        help="a table of images (id, image) that rows with an imageId take theirs from (GQA)")
     parser.add_argument("--media-root", default=None, help="folder image/video paths are relative to "
                                                             "(default: the data file's folder)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
@@ -43,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     scorer = OCRBenchScorer(exact=args.exact) if args.bench == "ocrbench" else get_scorer(args.bench)
     try:
-        samples = load_benchmark(args.data, args.media_root, args.limit)
+        samples = load_benchmark(args.data, args.media_root, args.limit, images=args.images)
         scorer.check_samples(samples, str(args.data))
     except (ValueError, FileNotFoundError) as e:
         print(f"gazelit eval: {e}", file=sys.stderr)

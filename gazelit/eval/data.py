@@ -12,6 +12,15 @@ answers: `answers` / `gt_answer` are read too), optional `options` and an `image
 Other fields kept: `id` (default: the row number), `hint`, `category` (or `question_type`, `type`),
 `group` / `pair` / `question_id` (for pair and circular scoring; see each scorer), and everything else
 in `extra` (e.g. `ocr_tokens`, `source`).
+
+Published layouts read as they are:
+  * a directory or a glob of parquet / JSONL files (splits sharded over several files), read in name order;
+  * the MMVP authors' CSV (`Index`, `Question`, `Options`, `Correct Answer`; the image is `<Index>.jpg`
+    under the media root) and lmms-lab/MMVP's capitalised columns;
+  * GQA as lmms-lab publishes it: the instructions config (`imageId`, `question`, `answer`) joined to the
+    images config (`id`, `image`) given with `images=` (`--images` on the command line);
+  * LLaVA / Cambrian conversation records (`conversations`: the first human turn is the question, the
+    first assistant turn the answer), e.g. the demo's test split (`data/demo/test.jsonl`).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from PIL import Image
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 _KNOWN = {"id", "question", "answer", "answers", "gt_answer", "options", "choices", "image", "video", "hint",
-          "category", "question_type", "type", "group", "pair", *OPTION_LETTERS}
+          "category", "question_type", "type", "group", "pair", "conversations", *OPTION_LETTERS}
 
 
 @dataclass
@@ -61,10 +70,37 @@ class BenchSample:
         return str(self.image or self.video or "")
 
 
+def data_files(spec: str | Path) -> list[Path]:
+    """The files of a benchmark: one file, every .parquet / .jsonl / .json / .csv file of a directory, or a glob."""
+    text = str(spec)
+    if any(c in text for c in "*?["):
+        import glob
+
+        files = sorted(Path(p) for p in glob.glob(text))
+    elif Path(text).is_dir():
+        files = sorted(p for p in Path(text).iterdir() if p.suffix.lower() in _SUFFIXES)
+    else:
+        files = [Path(text)]
+    if not files:
+        raise FileNotFoundError(f"{spec}: no benchmark files (.parquet, .jsonl, .json, .csv)")
+    return files
+
+
+_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl / .json (a list) / .parquet file."""
-    path = Path(path)
+    """Rows of a .jsonl / .json (a list) / .parquet / .csv file, or of every such file of a directory or glob."""
+    files = data_files(path)
+    if len(files) > 1:
+        return [row for f in files for row in read_rows(f)]
+    path = files[0]
     suffix = path.suffix.lower()
+    if suffix == ".csv":
+        import csv
+
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -86,19 +122,57 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of rows")
         return data
-    raise ValueError(f"{path}: benchmark files must be .jsonl, .json or .parquet")
+    raise ValueError(f"{path}: benchmark files must be .jsonl, .json, .parquet or .csv")
 
 
 def load_benchmark(
-    path: str | Path, media_root: str | Path | None = None, limit: int | None = None
+    path: str | Path, media_root: str | Path | None = None, limit: int | None = None,
+    images: str | Path | None = None,
 ) -> list[BenchSample]:
-    """The samples of a benchmark file (the first `limit` rows)."""
-    path = Path(path)
-    root = Path(media_root) if media_root is not None else path.parent
+    """The samples of a benchmark file, directory or glob (the first `limit` rows). `images`: a second
+    table (`id`, `image`) that rows with an `imageId` take their image from (GQA on lmms-lab)."""
+    files = data_files(path)
+    root = Path(media_root) if media_root is not None else files[0].parent
     rows = read_rows(path)
     if limit is not None:
         rows = rows[:limit]
-    return [parse_row(row, index, root, path) for index, row in enumerate(rows)]
+    by_id = {str(r["id"]): r.get("image") for r in read_rows(images)} if images is not None else None
+    samples = []
+    for index, row in enumerate(rows):
+        row = normalise_row(row, root)
+        if by_id is not None and "imageId" in row and not _present(row.get("image")):
+            if str(row["imageId"]) not in by_id:
+                raise ValueError(f"{path} row {index}: imageId {row['imageId']!r} is not in {images}")
+            row["image"] = by_id[str(row["imageId"])]
+        samples.append(parse_row(row, index, root, path))
+    return samples
+
+
+_ALIASES = {"question": "question", "options": "options", "correct answer": "answer", "answer": "answer",
+            "index": "id", "image": "image"}  # fmt: skip
+
+
+def normalise_row(row: dict[str, Any], media_root: Path) -> dict[str, Any]:
+    """Published column names and record forms onto the fields `parse_row` reads (see the module docstring)."""
+    row = dict(row)
+    for key in list(row):
+        alias = _ALIASES.get(key.lower())
+        if alias and alias != key and alias not in row:
+            row[alias] = row.pop(key)
+    if "question" not in row and isinstance(row.get("conversations"), list):
+        turns = row["conversations"]
+        human = next((t["value"] for t in turns if t.get("from") in ("human", "user")), None)
+        answer = next((t["value"] for t in turns if t.get("from") in ("gpt", "assistant")), None)
+        if human is not None:
+            row["question"] = re.sub(r"<image>\s*", "", str(human)).strip()
+        if answer is not None and "answer" not in row:
+            row["answer"] = str(answer).strip()
+    if "image" not in row and "video" not in row and _present(row.get("id")):  # MMVP's CSV: images by index
+        for ext in (".jpg", ".png"):
+            if (media_root / f"{row['id']}{ext}").is_file():
+                row["image"] = f"{row['id']}{ext}"
+                break
+    return row
 
 
 def parse_row(row: dict[str, Any], index: int, media_root: Path, source: Path | str = "") -> BenchSample:

@@ -216,8 +216,17 @@ class ChartQAScorer(Scorer):
         answer = sample.answer[0] if isinstance(sample.answer, list) else sample.answer
         return float(rules.relaxed_match(prediction, str(answer)))
 
+    def category(self, sample):
+        """ChartQA's two parts (lmms-lab's `type`: human_test / augmented_test), reported apart."""
+        kind = sample.category.lower()
+        return "human" if "human" in kind else "augmented" if "augment" in kind else kind
+
     def summarize(self, stats):
-        return {"relaxed_accuracy": 100 * stats["mean"]}
+        out = {"relaxed_accuracy": 100 * stats["mean"]}
+        for part in ("human", "augmented"):
+            if part in stats["per_category"]:
+                out[f"{part}/relaxed_accuracy"] = 100 * stats["per_category"][part][0]
+        return out
 
 
 class TextVQAScorer(Scorer):
@@ -256,6 +265,24 @@ class OCRBenchScorer(Scorer):
         out.update({f"{c}/accuracy": 100 * m for c, (m, _n) in stats["per_category"].items()})
         return out
 
+
+# What each benchmark reads and where users get it (`gazelit eval --help`, README)
+SOURCES = {
+    "gqa": ("question, answer, image (or imageId + --images)", "lmms-lab/GQA: testdev_balanced_instructions "
+            "parquet, joined to testdev_balanced_images by imageId"),
+    "mme": ("question, answer (Yes/No), category, image", "lmms-lab/MME parquet"),
+    "mmbench": ("question, A-D option columns, answer (letter), hint, category, image", "lmms-lab/MMBench (en) parquet"),
+    "scienceqa": ("question, choices, answer (index), hint, image (optional)", "lmms-lab/ScienceQA (ScienceQA-IMG) parquet"),
+    "mmvp": ("Question, Options '(a) x (b) y', Correct Answer, image (or <Index>.jpg)", "lmms-lab/MMVP parquet, or the "
+             "authors' Questions.csv with the 'MMVP Images' folder as --media-root"),
+    "chartqa": ("question, answer, type (human_test / augmented_test), image", "lmms-lab/ChartQA parquet"),
+    "textvqa": ("question, answers (10 human answers), image", "lmms-lab/textvqa (validation) parquet"),
+    "ocrbench": ("question, answer (list), question_type, image", "echo840/OCRBench parquet"),
+    "mc": ("question, options (list or A-D columns), answer (letter, index or text), image", "any image "
+           "multiple-choice file in this form"),
+    "video_mc": ("question, options, answer, video (file, gif or frame folder)", "any video multiple-choice "
+                 "file in this form"),
+}  # fmt: skip
 
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
