@@ -230,19 +230,27 @@ def _image_extension(data: bytes) -> str:
 
 
 def _prepared_records(jsonl: Path, prepare, workers: int) -> Iterator[PreparedSample | SkippedRecord | None]:
-    """Results in line order; with workers > 1 a process pool works on blocks of lines (bounded memory)."""
+    """Results in line order; with workers > 1 a process pool works on blocks of lines, the next block
+    already submitted while this one is written (workers never wait at a block boundary; memory stays
+    bounded by two blocks)."""
+    from collections import deque
+
     with jsonl.open("rb") as f:
         numbered = ((i + 1, line) for i, line in enumerate(f))
         if workers <= 1:
             yield from map(prepare, numbered)
             return
-        block = workers * 32
+        block = workers * 64
         with multiprocessing.get_context().Pool(workers) as pool:
+            in_flight: deque = deque()
             while True:
                 lines = [item for _, item in zip(range(block), numbered)]
-                if not lines:
+                if lines:
+                    in_flight.append(pool.map_async(prepare, lines, chunksize=16))
+                if in_flight and (len(in_flight) > 1 or not lines):
+                    yield from in_flight.popleft().get()
+                if not lines and not in_flight:
                     break
-                yield from pool.imap(prepare, lines, chunksize=8)
 
 
 _OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")

@@ -120,3 +120,21 @@ def test_gazelit_index_makes_stock_webdataset_shards_streamable(tmp_path, make_d
                                                             fixed_length=False)  # fmt: skip
     ids = sorted(m["id"] for b in stream for m in b["meta"])
     assert ids == sorted(f"s{i}" for i in range(17))
+
+
+def test_several_blocks_in_flight_keep_line_order(tmp_path):
+    """More lines than two pool blocks (2 workers x 64): the output equals the single-process output."""
+    from .data_test_helpers import conversation, png
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.png").write_bytes(png())
+    lines = [json.dumps({"id": f"r{i}", "image": "a.png" if i % 7 else "missing.png", "conversations": conversation()})
+             for i in range(300)]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    one = convert(tmp_path / "d.jsonl", media, tmp_path / "one", shard_size=50, workers=1, progress=False)
+    two = convert(tmp_path / "d.jsonl", media, tmp_path / "two", shard_size=50, workers=2, progress=False)
+    assert one.num_samples == two.num_samples == 300 - 43
+    assert [r.line for r in one.skipped] == [r.line for r in two.skipped]
+    for shard in one.shards:
+        assert (tmp_path / "one" / shard.name).read_bytes() == (tmp_path / "two" / shard.name).read_bytes()
