@@ -78,6 +78,23 @@ def side_by_side(fns: dict, device: str, repeats: int, warmup: int = 2) -> dict[
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def union_fraction(q, state, layout, k_top, shared, visual, nonvisual, kv_bytes) -> float:
+    """Bytes a decode step must read over the bytes dense attention reads: per KV head, the K and V rows
+    of the union of its query heads' selected regions plus the text and context rows, plus the region
+    descriptors it scores (float32); dense reads every K and V row of every KV head."""
+    avail = torch.ones(1, 1, 1, layout.num_regions, dtype=torch.bool, device=q.device)
+    sel, _ = select_regions(region_scores(q, state.descriptors), avail, k_top, HKV, shared=shared)
+    sizes = (layout.region_tokens[0] >= 0).sum(-1)  # tokens per region
+    group = HQ // HKV
+    rows = 0
+    for h in range(HKV):
+        chosen = sel[0, h * group : (h + 1) * group].flatten()
+        union = torch.unique(chosen[chosen >= 0])
+        rows += int(sizes[union].sum()) + nonvisual
+    read = rows * 2 * D * kv_bytes + HKV * layout.num_regions * D * 4
+    return read / (HKV * (visual + nonvisual) * 2 * D * kv_bytes)
+
+
 def decode_rows(frames_list, ks, device, dtype, repeats):
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -116,6 +133,7 @@ def decode_rows(frames_list, ks, device, dtype, repeats):
                 )
                 attended_visual = visual if k_top is None else min(k_top, layout.num_regions) * REGION.tokens
                 fraction = (attended_visual + nonvisual) / (visual + nonvisual)
+                union = union_fraction(q, state, layout, k_top, shared, visual, nonvisual, k.element_size())
                 rows.append(
                     dict(
                         visual_tokens=visual,
@@ -131,6 +149,8 @@ def decode_rows(frames_list, ks, device, dtype, repeats):
                         routing_ms=round(t["routing"], 3),
                         routing_share=round(t["routing"] / t["gaze"], 4),
                         target_ratio=round(1.5 * fraction, 4),
+                        union_fraction=round(union, 4),
+                        target_vs_matmul=round(2.5 * union, 4),  # CPU target: gaze / matmul <= 2.5 x union
                     )
                 )
                 print_row("decode", rows[-1])
@@ -238,7 +258,8 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2)
     print()
     print(table(decode, ["visual_tokens", "k", "gqa", "attended_fraction", "dense_ms", "dense_matmul_ms",
-                         "gaze_ms", "ratio", "target_ratio", "ratio_vs_matmul", "routing_share"]))
+                         "gaze_ms", "ratio", "target_ratio", "ratio_vs_matmul", "union_fraction", "target_vs_matmul",
+                         "routing_share"]))
     print()
     print(table(prefill, ["case", "visual_tokens", "text_tokens", "k", "dense_ms", "gaze_ms", "ratio"]))
     print(f"\nwrote {args.json}")
