@@ -82,6 +82,27 @@ def blocks_of(model: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[tu
     return found
 
 
+def check_block_units(model: nn.Module, units: list[nn.Module], classes: tuple[type[nn.Module], ...]) -> None:
+    """Every LLM decoder layer and every vision block must be its own sharding unit: a block the classes
+    miss would be gathered whole with its parent (for a 7B LLM, the whole model on every rank). Raises
+    naming the component, the class looked for and the counts."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    def inner(u: nn.Module) -> nn.Module:
+        return u._checkpoint_wrapped_module if isinstance(u, CheckpointWrapper) else u
+
+    vision_blocks = type(model.vision)._block_list(model.vision.model)
+    expected = {"LLM decoder layers": (model.llm.config.num_hidden_layers, classes[1]),
+                "vision blocks": (len(vision_blocks), classes[0])}  # fmt: skip
+    for what, (count, cls) in expected.items():
+        found = sum(1 for u in units if isinstance(inner(u), cls))
+        if found != count:
+            raise RuntimeError(
+                f"FSDP2: {found} of the model's {count} {what} are {cls.__name__} units; the others would not be "
+                f"sharded on their own (block classes {[c.__name__ for c in classes]})"
+            )
+
+
 def checkpoint_blocks(model: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[nn.Module]:
     """Put every block of `classes` inside a gaze-aware checkpoint_wrapper (blocks already wrapped are
     kept); returns the wrappers."""
@@ -112,13 +133,17 @@ def apply_parallelism(model: nn.Module, plan: ParallelPlan | None, device_mesh: 
     )
     if device_mesh is None:
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    check_block_units(model, units, classes)
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
     policy = MixedPrecisionPolicy(param_dtype=torch_dtype(plan.param_dtype), reduce_dtype=torch.float32)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=plan.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=plan.reshard_after_forward)
+    unsharded = [type(u).__name__ for u in units if not isinstance(u, FSDPModule)]
+    if unsharded:
+        raise RuntimeError(f"FSDP2: {len(unsharded)} blocks did not become sharded units: {unsharded[:3]}")
     # generation calls the LLM's forward many times outside GazeVLM.forward: run the root's unshard hooks
     # around it, and let transformers keep all ranks decoding until every rank is done (synced_gpus)
     register_fsdp_forward_method(model, "generate_from_batch")

@@ -92,3 +92,15 @@ def test_configure_model_applies_the_plan_once():
     names = [n for n, _ in module.model.named_modules() if n.endswith("_checkpoint_wrapped_module")]
     assert len(names) == 4
     assert not any("_checkpoint_wrapped_module._checkpoint_wrapped_module" in n for n in names)
+
+
+def test_a_block_class_that_misses_the_decoder_layers_is_refused():
+    from gazelit.training.parallel import check_block_units
+
+    model = tiny_model()
+    classes = tuple(model.block_classes())
+    units = [b for _, _, b in blocks_of(model, classes)]
+    check_block_units(model, units, classes)  # the model's own classes: every block is a unit
+    wrong = (classes[0], torch.nn.Linear)
+    with pytest.raises(RuntimeError, match="LLM decoder layers are Linear units"):
+        check_block_units(model, [b for _, _, b in blocks_of(model, wrong)], wrong)
