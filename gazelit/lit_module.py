@@ -6,7 +6,7 @@ supervised (assistant) tokens only: the data marks everything else -100.
 
 Logged: train/loss, gaze/top_k (k, or the batch's largest region count for "all"), gaze/attended_fraction
 (selected / available visual tokens per routed text query), perf/tokens_per_s and perf/samples_per_s,
-data/skipped/<reason> (cumulative, from the loader); val/loss and val/token_acc through torchmetrics.
+data/skipped/<reason> (cumulative, from the loader); val/loss, val/token_acc and val/answer_acc (the share of samples greedy decoding answers exactly) through torchmetrics.
 Learning rates per named parameter group come from Lightning's LearningRateMonitor.
 
 `configure_model` applies `parallel_plan` (gazelit.training.parallel: activation checkpointing per block
@@ -42,6 +42,19 @@ def _as(kind, value):
     return kind.from_dict(value)
 
 
+def answer_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample with supervised tokens: True if the argmax is right at every supervised position.
+
+    With teacher forcing this is exactly whether greedy decoding reproduces every answer (end token
+    included): greedy follows the reference as long as each step's argmax is the reference token.
+    logits (B, L, V) and labels (B, L) already shifted so that logits[:, i] predicts labels[:, i].
+    """
+    supervised = labels != -100
+    right = (logits.argmax(-1) == labels) | ~supervised
+    has = supervised.any(1)
+    return right.all(1)[has]
+
+
 class GazeVLMModule(L.LightningModule):
     def __init__(
         self,
@@ -63,6 +76,7 @@ class GazeVLMModule(L.LightningModule):
         vocab = self.model.llm.get_output_embeddings().out_features
         self.val_loss = MeanMetric()
         self.val_token_acc = MulticlassAccuracy(num_classes=vocab, ignore_index=-100, average="micro")
+        self.val_answer_acc = MeanMetric()  # samples whose every answer greedy decoding gets exactly right
         self._skipped: Counter = Counter()
         self._step_tokens = torch.zeros((), dtype=torch.long)  # supervised tokens of this rank's current step
         self._last_step_end: float | None = None
@@ -137,8 +151,13 @@ class GazeVLMModule(L.LightningModule):
         if supervised:
             self.val_loss.update(out.loss, weight=supervised)
             self.val_token_acc.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("val/token_acc", self.val_token_acc, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+            exact = answer_exact_match(logits, labels)
+            if exact.numel():
+                self.val_answer_acc.update(exact.float())
+        b = batch["input_ids"].shape[0]
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=b)
+        self.log("val/token_acc", self.val_token_acc, on_epoch=True, batch_size=b)
+        self.log("val/answer_acc", self.val_answer_acc, on_epoch=True, prog_bar=True, batch_size=b)
 
     def _k_value(self, ctx) -> float:
         k = self.model.top_k

@@ -92,7 +92,7 @@ class FitResult:
             lines.append(f"exported model:   {self.exported_model}")
         if self.resumed_from:
             lines.append(f"resumed from:     {self.resumed_from}")
-        shown = {k: v for k, v in self.metrics.items() if k in ("train/loss", "val/loss", "val/token_acc")}
+        shown = {k: v for k, v in self.metrics.items() if k in ("train/loss", "val/loss", "val/token_acc", "val/answer_acc")}
         if shown:
             lines.append("final metrics:    " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
         return "\n".join(lines)

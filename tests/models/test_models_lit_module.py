@@ -81,3 +81,27 @@ def test_a_short_fit_lowers_the_loss_and_validation_reports_token_accuracy(tmp_p
     assert metrics["train/loss"] < before
     assert 0.0 <= metrics["val/token_acc"] <= 1.0 and torch.isfinite(metrics["val/loss"])
     assert "gaze/attended_fraction" in metrics and "perf/tokens_per_s" in metrics
+
+
+def test_answer_accuracy_is_exactly_greedy_decoding_getting_the_answer():
+    """A sample counts as right exactly when greedy generation reproduces its answer: built from the model's
+    own greedy output it scores 1; one changed answer token makes it 0."""
+    from gazelit.lit_module import answer_exact_match
+
+    model = tiny_vlm(top_k=1)
+    prompt = make_batch(model, [[("text", 3), ("image",), ("text", 4)]], padding="left")
+    generated = model.generate_from_batch(prompt, max_new_tokens=4, trace=False)[0].token_ids
+    answer = torch.tensor(generated[:4])
+    full = {**prompt}
+    full["input_ids"] = torch.cat([prompt["input_ids"], answer[None]], 1)
+    full["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones(1, len(answer), dtype=torch.long)], 1)
+    full["token_kind"] = torch.cat([prompt["token_kind"], torch.zeros(1, len(answer), dtype=torch.long)], 1)
+    labels = torch.full_like(full["input_ids"], -100)
+    labels[0, -len(answer):] = answer
+    full["labels"] = labels
+    with torch.no_grad():
+        logits = model(full).logits
+    assert answer_exact_match(logits[:, :-1], labels[:, 1:]).tolist() == [True]
+    wrong = labels.clone()
+    wrong[0, -2] = (wrong[0, -2] + 1) % model.llm.config.vocab_size
+    assert answer_exact_match(logits[:, :-1], wrong[:, 1:]).tolist() == [False]
