@@ -143,8 +143,26 @@ class GazeVLMModule(L.LightningModule):
             self.log("perf/samples_per_s", self._samples / elapsed, batch_size=self._samples)
         self._last_step_end = now
 
+    def on_validation_epoch_start(self) -> None:
+        from gazelit.analysis.routing_accuracy import RoutingAccuracy
+
+        k = self.model.top_k
+        self._routing = RoutingAccuracy(k, self.model.config.gaze.shared_gqa) if self.model.gaze_enabled and k else None
+
+    def on_validation_epoch_end(self) -> None:
+        """Routing accuracy and hit rates at the first answer token, against the data's object boxes
+        (gazelit.analysis.routing_accuracy); logged where the validation data has boxes."""
+        routing = getattr(self, "_routing", None)
+        if routing is not None:
+            for name, value in routing.metrics().items():
+                self.log(f"val/{name}", value, sync_dist=True)
+            self._routing = None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self.model(batch)
+        routing = getattr(self, "_routing", None)
+        if routing is not None:
+            routing.batch = batch
+        out = self.model(batch, probe=routing)
         logits = out.logits[:, :-1]
         labels = batch["labels"][:, 1:]
         supervised = int((labels != -100).sum())

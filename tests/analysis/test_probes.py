@@ -45,3 +45,47 @@ def test_generation_maps_follow_the_trace_and_dense_models_are_refused():
     assert ((total > 0) & (total <= 1 + 1e-6)).all()  # probability mass on the visual tokens
     with pytest.raises(ValueError, match="gaze-enabled"):
         require_gaze(tiny_vlm(enabled=False))
+
+
+def test_routing_accuracy_counts_selected_tokens_inside_the_object_box():
+    """A model whose keys make the object's region win: accuracy = its share of the selection, hit rate 1,
+    chance levels from the candidates; a box elsewhere gives 0 hits."""
+    from gazelit.analysis.routing_accuracy import RoutingAccuracy
+
+    model = tiny_vlm(top_k=1, m=0, region=(2, 2))  # 4x4 grid, 4 regions of 2x2 per image
+    batch = make_batch(model, [[("text", 2), ("image",), ("text", 5)]])
+    batch["labels"][0, :20] = -100  # the answer starts at 20: its first token is predicted by text row 19
+    batch["meta"] = [{"target_box": [0.0, 0.0, 0.5, 0.5]}]  # the top-left region (tokens of cells 0,1,4,5)
+    layout_probe = RoutingAccuracy(top_k=1)
+    layout_probe.batch = batch
+    captured = {}
+
+    def spy(**kwargs):
+        captured.setdefault("layout", kwargs["layout"])
+        layout_probe(**kwargs)
+
+    with torch.no_grad():
+        model(batch, probe=spy)
+    metrics = layout_probe.metrics()
+    assert metrics["samples"] == 1 and 0.0 <= metrics["routing_acc"] <= 1.0
+    assert metrics["routing_acc_chance"] == 4 / 16 and metrics["hit_rate_chance"] == 1 / 4
+    # the selection's inside fraction and hit agree: one 2x2 region selected per head, so acc = hit
+    assert abs(metrics["routing_acc"] - metrics["hit_rate_mean"]) < 1e-6
+    assert "hit_rate/layer1" in metrics
+
+
+def test_with_k_1_every_head_hits_exactly_one_of_the_four_quadrants():
+    from gazelit.analysis.routing_accuracy import RoutingAccuracy
+
+    model = tiny_vlm(top_k=1, m=0, region=(2, 2))
+    batch = make_batch(model, [[("text", 2), ("image",), ("text", 5)]])
+    batch["labels"][0, :20] = -100
+    total = 0.0
+    for box in ([0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]):
+        batch["meta"] = [{"target_box": box}]
+        probe = RoutingAccuracy(top_k=1)
+        probe.batch = batch
+        with torch.no_grad():
+            model(batch, probe=probe)
+        total += probe.metrics()["hit_rate_mean"]
+    assert abs(total - 1.0) < 1e-6
