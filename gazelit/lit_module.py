@@ -144,14 +144,14 @@ class GazeVLMModule(L.LightningModule):
         self._last_step_end = now
 
     def on_validation_epoch_start(self) -> None:
-        from gazelit.analysis.routing_accuracy import RoutingAccuracy
+        from gazelit.models.routing_accuracy import RoutingAccuracy
 
         k = self.model.top_k
         self._routing = RoutingAccuracy(k, self.model.config.gaze.shared_gqa) if self.model.gaze_enabled and k else None
 
     def on_validation_epoch_end(self) -> None:
         """Routing accuracy and hit rates at the first answer token, against the data's object boxes
-        (gazelit.analysis.routing_accuracy); logged where the validation data has boxes."""
+        (gazelit.models.routing_accuracy); logged where the validation data has boxes."""
         routing = getattr(self, "_routing", None)
         if routing is not None:
             for name, value in routing.metrics().items():

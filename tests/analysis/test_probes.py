@@ -50,7 +50,7 @@ def test_generation_maps_follow_the_trace_and_dense_models_are_refused():
 def test_routing_accuracy_counts_selected_tokens_inside_the_object_box():
     """A model whose keys make the object's region win: accuracy = its share of the selection, hit rate 1,
     chance levels from the candidates; a box elsewhere gives 0 hits."""
-    from gazelit.analysis.routing_accuracy import RoutingAccuracy
+    from gazelit.models.routing_accuracy import RoutingAccuracy
 
     model = tiny_vlm(top_k=1, m=0, region=(2, 2))  # 4x4 grid, 4 regions of 2x2 per image
     batch = make_batch(model, [[("text", 2), ("image",), ("text", 5)]])
@@ -75,7 +75,7 @@ def test_routing_accuracy_counts_selected_tokens_inside_the_object_box():
 
 
 def test_with_k_1_every_head_hits_exactly_one_of_the_four_quadrants():
-    from gazelit.analysis.routing_accuracy import RoutingAccuracy
+    from gazelit.models.routing_accuracy import RoutingAccuracy
 
     model = tiny_vlm(top_k=1, m=0, region=(2, 2))
     batch = make_batch(model, [[("text", 2), ("image",), ("text", 5)]])
