@@ -84,6 +84,7 @@ class GazeSpec:
     num_context: int = 4
     shared_gqa: bool = False
     impl: str = "auto"  # auto | segmented | flex | reference
+    selection: str = "dynamic"  # dynamic (re-selected per generated token) | static (first token's, kept)
     chunk: int = 128  # query rows per masked piece on the CPU path
 
 
@@ -110,6 +111,7 @@ class ModelConfig:
             ("model.vision.family", "vision family", self.vision.family, VISION_FAMILY_NAMES),
             ("model.projector.kind", "projector kind", self.projector.kind, PROJECTOR_KINDS),
             ("model.gaze.impl", "gaze implementation", self.gaze.impl, GAZE_IMPLS),
+            ("model.gaze.selection", "gaze selection", self.gaze.selection, ("dynamic", "static")),
         ):
             if value not in names:
                 raise ValueError(f"{key}: unknown {what} {value!r}; choose one of {', '.join(names)}")

@@ -22,6 +22,7 @@ from gazelit.attention.decode import DecodeState
 from gazelit.attention.layout import GazeLayout
 
 IMPLEMENTATIONS = ("auto", "reference", "segmented", "flex")
+SELECTIONS = ("dynamic", "static")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class GazeContext:
     shared_gqa: bool = False
     impl: str = "auto"
     chunk: int = 128
+    # "dynamic": every generated token re-selects its regions (the method); "static": the selection of the
+    # first generated token is kept for the rest of the generation (an eviction-style baseline, as HERMES
+    # and InfiniPot-V select once)
+    selection: str = "dynamic"
     record_routing: bool = False
     collect_stats: bool = False
     # called after every gaze attention call with layer, query, key, value, layout, q_offset, scale,
@@ -51,8 +56,11 @@ class GazeContext:
     decode_states: dict[int, DecodeState] = field(default_factory=dict)
     routing: list[RoutingRecord] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    static_routing: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Hq, 1, kk)
 
     def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown gaze selection {self.selection!r}; choose one of {SELECTIONS}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown gaze implementation {self.impl!r}; choose one of {IMPLEMENTATIONS}")
         if self.top_k is not None and self.top_k < 0:

@@ -95,9 +95,15 @@ def gaze_attention(
         state = ctx.decode_states.get(layer)
         if state is None:
             state = ctx.decode_states[layer] = build_state(key, value, layout, q0)
+        fixed = None
+        if ctx.selection == "static" and layer in ctx.static_routing:
+            kept = ctx.static_routing[layer]
+            fixed = kept.expand(-1, -1, query.shape[2], -1)
         out, sel, scores = decode_attention(
-            query, key, value, layout, state, ctx.top_k, q0, scale=scaling, shared=ctx.shared_gqa
+            query, key, value, layout, state, ctx.top_k, q0, scale=scaling, shared=ctx.shared_gqa, routing=fixed
         )
+        if ctx.selection == "static" and layer not in ctx.static_routing:
+            ctx.static_routing[layer] = sel[:, :, :1].clone()  # the first generated token's selection
         if ctx.record_routing:
             ctx.routing.append(RoutingRecord(layer, valid - 1, sel[:, :, -1], scores[:, :, -1]))
         if ctx.collect_stats:
@@ -106,6 +112,7 @@ def gaze_attention(
         return out.transpose(1, 2), None
 
     ctx.decode_states.pop(layer, None)  # new units may have arrived; rebuild at the next decode step
+    ctx.static_routing.pop(layer, None)
     impl = ctx.impl
     if impl == "auto":
         impl = "flex" if query.is_cuda else "segmented"

@@ -127,3 +127,42 @@ def test_sliding_window_layers_are_rejected():
     windowed = AutoModelForCausalLM.from_config(config, attn_implementation="gaze")
     with pytest.raises(NotImplementedError, match="sliding-window"), use_gaze(GazeContext(layout)):
         windowed(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_static_selection_keeps_the_first_generated_tokens_regions_exactly(shared):
+    """selection="static": every decode step reuses, per layer and head, the regions the first generated
+    token chose; each step equals the reference attention under that fixed routing. "dynamic" re-selects."""
+    from types import SimpleNamespace
+
+    from gazelit.attention import build_state, reference_attention, reference_routing
+    from gazelit.attention.hf import gaze_attention
+
+    from .cases import random_case
+
+    case = random_case(31, hq=4, hkv=2, d=8, dtype=torch.float64, num_context=2, padding="left")
+    layout, length = case.layout, case.layout.length
+    g = torch.Generator().manual_seed(5)
+    steps = 4
+    k = torch.randn(2, 2, length + steps, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, length + steps, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 4, steps, 8, generator=g, dtype=torch.float64)
+    module = SimpleNamespace(layer_idx=0, training=False)
+    outs = {}
+    for selection in ("static", "dynamic"):
+        ctx = GazeContext(layout, top_k=1, shared_gqa=shared, selection=selection, record_routing=True)
+        ctx.seen[0] = length
+        rows = []
+        for s in range(steps):
+            end = length + s + 1
+            out, _ = gaze_attention(module, q[:, :, s : s + 1], k[:, :, :end], v[:, :, :end], None, gaze=ctx)
+            rows.append(out)
+        outs[selection] = (torch.cat(rows, 1), [r.indices for r in ctx.routing])
+    first, _ = reference_routing(q[:, :, :1], k[:, :, : length + 1], layout, 1, q_offset=length, shared=shared)
+    for s in range(steps):
+        end = length + s + 1
+        want = reference_attention(q[:, :, s : s + 1], k[:, :, :end], v[:, :, :end], layout, 1, q_offset=end - 1,
+                                   routing=first)  # fmt: skip
+        assert (outs["static"][0][:, s : s + 1] - want.transpose(1, 2)).abs().max() < 1e-10
+        assert torch.equal(outs["static"][1][s], first[:, :, 0])
+    assert any(not torch.equal(a, b) for a, b in zip(outs["dynamic"][1], outs["static"][1]))
