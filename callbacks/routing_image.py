@@ -15,6 +15,7 @@ so that transformers keeps the ranks' decode loops in step); rank 0 draws.
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ from PIL import Image, ImageDraw, ImageFont
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-PANEL = 128  # pixels per panel side
+PANEL = 256  # largest panel side (pixels)
+MIN_PANEL = 96  # smallest panel side: many tokens make a wider picture rather than unreadable panels
+WIDTH = 1024  # the canvas width panels share
+CHAR, LINE = 6, 12  # the default font's character width and line height
 MAX_TOKENS = 10
 MAX_UNITS = 4
 
@@ -120,38 +124,48 @@ def draw_routing(
     target_box: list[float] | None = None,
     title: str | list[str] = "",
 ) -> Image.Image:
-    """Rows: the sample's units (images / frames); columns: generated tokens. Each region is shaded red
-    by how many (layer, head) pairs selected it for that token, relative to the token's most selected
-    region (with many heads most regions get picked by some head; the contrast shows the preference).
-    `title`: header lines above the panels."""
+    """Rows: the sample's units (images / frames); columns: generated tokens. Each region selected for a
+    token is tinted faintly by how many (layer, head) pairs chose it, relative to the token's most chosen
+    region, and *outlined* in red when at least half as many chose it as that one (the image's own colours
+    stay visible); the queried object's box is outlined in green. Panels share a canvas of about `WIDTH` pixels; header lines wrap to it and each
+    token's label fits under its own panel. `title`: header lines above the panels."""
     tokens = min(len(trace.tokens) or trace.unit.shape[0], MAX_TOKENS)
     rows = min(len(images), MAX_UNITS)
+    side = max(MIN_PANEL, min(PANEL, WIDTH // max(1, tokens)))
     counts = selection_counts(trace)
     most = {t: max((n for (ct, _, _), n in counts.items() if ct == t), default=1) for t in range(tokens)}
     font = ImageFont.load_default()
-    lines = [title] if isinstance(title, str) else list(title)
-    header, caption = 4 + 12 * len(lines), 14
-    width = max(max(1, tokens) * PANEL, max((6 * len(line) + 4 for line in lines), default=0))
-    canvas = Image.new("RGB", (width, header + rows * (PANEL + caption)), (255, 255, 255))
+    width = max(1, tokens) * side
+    lines = [w for line in ([title] if isinstance(title, str) else list(title))
+             for w in (textwrap.wrap(line, max(20, width // CHAR)) or [""])]  # fmt: skip
+    header, caption = 4 + LINE * len(lines), LINE + 2
+    canvas = Image.new("RGB", (width, header + rows * (side + caption)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        draw.text((2, 2 + 12 * i), line, fill=(0, 0, 0), font=font)
+        draw.text((2, 2 + LINE * i), line, fill=(0, 0, 0), font=font)
     for t in range(tokens):
         for u in range(rows):
-            x0, y0 = t * PANEL, header + u * (PANEL + caption)
-            panel = Image.fromarray(images[u]).resize((PANEL, PANEL), Image.Resampling.NEAREST).convert("RGBA")
-            shade = Image.new("RGBA", panel.size, (0, 0, 0, 0))
-            shade_draw = ImageDraw.Draw(shade)
+            x0, y0 = t * side, header + u * (side + caption)
+            panel = Image.fromarray(images[u]).resize((side, side), Image.Resampling.NEAREST).convert("RGBA")
+            marks = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+            marks_draw = ImageDraw.Draw(marks)
             for (ct, cu, tile), n in counts.items():
                 if ct == t and cu == u:
-                    box = [v * PANEL for v in trace.tile_box(u, tile)]
-                    shade_draw.rectangle(box, fill=(255, 0, 0, int(200 * n / most[t])))
-            panel = Image.alpha_composite(panel, shade).convert("RGB")
+                    share = n / most[t]
+                    box = [round(v * side) for v in trace.tile_box(u, tile)]
+                    box[2], box[3] = box[2] - 1, box[3] - 1
+                    outline = (230, 0, 0, 255) if share >= 0.5 else None  # the regions most heads chose
+                    marks_draw.rectangle(box, fill=(255, 0, 0, int(60 * share)), outline=outline,
+                                         width=1 + round(2 * share))  # fmt: skip
+            panel = Image.alpha_composite(panel, marks).convert("RGB")
             if target_box is not None and u == 0:
-                ImageDraw.Draw(panel).rectangle([v * PANEL for v in target_box], outline=(0, 200, 0), width=2)
+                ImageDraw.Draw(panel).rectangle([v * side for v in target_box], outline=(0, 200, 0), width=2)
             canvas.paste(panel, (x0, y0))
-            label = repr(trace.tokens[t])[1:-1][:20] if t < len(trace.tokens) else str(t)
-            draw.text((x0 + 2, y0 + PANEL + 1), label, fill=(0, 0, 0), font=font)
+            label = repr(trace.tokens[t])[1:-1] if t < len(trace.tokens) else str(t)
+            label = label[: max(1, side // CHAR - 1)]
+            draw.text((x0 + 2, y0 + side + 1), label, fill=(0, 0, 0), font=font)
+        if t:
+            draw.line([(t * side, header), (t * side, canvas.height)], fill=(255, 255, 255), width=2)
     return canvas
 
 
@@ -205,10 +219,12 @@ class RoutingImageLogger(L.Callback):
         k = pl_module.model.top_k
         expected = pl_module.model.tokenizer.decode(meta["expected"].tolist(), skip_special_tokens=True)
         title = [
-            (f"step {trainer.global_step}, k={'all' if k is None else k}: regions selected per generated token "
-             "(redder: chosen by more layer x head pairs; green: the object asked about)"),
+            f"question: {meta['question']}" if meta.get("question") else "",
             f"expected {expected!r}, generated {output.text!r}",
+            (f"step {trainer.global_step}, k={'all' if k is None else k}: per generated token, red = regions most "
+             "layer x head pairs selected (tint: how many); green = the object asked about"),
         ]  # fmt: skip
+        title = [line for line in title if line]
         picture = draw_routing(images, output.trace, meta.get("target_box"), title)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step={trainer.global_step:06d}.png"

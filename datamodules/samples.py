@@ -98,6 +98,10 @@ class SampleProcessor:
         is_video = plan is not None and plan.kind != "image"
         num_units = len(tokens.unit_starts)
         meta = {k: v for k, v in record.items() if k not in _NOT_META}
+        first_question = next((t.get("value") for t in record.get("conversations") or []
+                               if isinstance(t, dict) and t.get("from") in ("human", "user")), None)  # fmt: skip
+        if isinstance(first_question, str):
+            meta["question"] = first_question.replace("<image>", "").strip()
         meta["stream_source"] = source
         meta["key"] = raw.get("__key__")
         meta["shard"] = os.path.basename(str(raw.get("__url__", "")))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 
@@ -56,20 +58,28 @@ def test_selection_counts_tally_layer_head_pairs_per_token():
     assert counts == {(0, 0, 3): 3, (0, 0, 1): 1, (1, 0, 0): 3}
 
 
-def test_drawing_shades_selected_tiles_by_share_and_outlines_the_target():
+def test_drawing_outlines_selected_tiles_by_share_and_keeps_the_image_visible():
     image = np.full((8, 8, 3), 235, dtype=np.uint8)
-    picture = np.asarray(draw_routing([image], trace(), target_box=[0.0, 0.0, 0.5, 0.5], title="t"))
-    header = 16  # one title line
-    assert picture.shape == (header + PANEL + 14, 2 * PANEL, 3)
+    long_title = "question: What shape is the red object in the second row of the board? " * 3
+    picture = np.asarray(draw_routing([image], trace(), target_box=[0.0, 0.0, 0.5, 0.5], title=long_title))
+    side = PANEL  # two tokens: the largest panels
+    lines = len(textwrap.wrap(long_title, (2 * side) // 6))
+    header = 4 + 12 * lines
+    assert lines > 1  # the header wraps instead of running off the canvas
+    assert picture.shape == (header + side + 14, 2 * side, 3)
 
-    def pixel(token, tile_row, tile_col):
-        return picture[header + tile_row * PANEL // 2 + PANEL // 4, token * PANEL + tile_col * PANEL // 2 + PANEL // 4]
+    def centre(token, tile_row, tile_col):
+        return picture[header + tile_row * side // 2 + side // 4, token * side + tile_col * side // 2 + side // 4]
 
-    assert pixel(0, 1, 1)[0] > pixel(0, 1, 1)[1] + 60  # token 0: bottom-right chosen by 3 of 4 pairs: red
-    assert pixel(0, 1, 1)[1] < pixel(0, 0, 1)[1]  # ... redder than top-right, chosen by 1 of 4
-    assert tuple(pixel(0, 1, 0)) == (235, 235, 235)  # never selected: untouched
-    assert tuple(pixel(1, 1, 1)) == (235, 235, 235)  # token 1 looked top-left only
-    assert pixel(1, 0, 0)[0] > pixel(1, 0, 0)[1] + 60
+    def edge(token, tile_row, tile_col):  # a point on the tile's left outline
+        return picture[header + tile_row * side // 2 + side // 4, token * side + tile_col * side // 2 + 1]
+
+    assert edge(0, 1, 1)[0] > edge(0, 1, 1)[1] + 100  # token 0: bottom-right chosen: a red outline
+    assert 150 < centre(0, 1, 1)[1] < 235 and centre(0, 1, 1)[0] >= 200  # its inside keeps the image, faintly tinted
+    assert centre(0, 1, 1)[1] < centre(0, 0, 1)[1]  # chosen by 3 of 4 pairs: tinted more than by 1 of 4
+    assert tuple(centre(0, 1, 0)) == (235, 235, 235)  # never selected: untouched
+    assert tuple(centre(1, 1, 1)) == (235, 235, 235)  # token 1 looked top-left only
+    assert edge(1, 0, 0)[0] > edge(1, 0, 0)[1] + 100
     assert tuple(picture[header + 1, 1]) == (0, 200, 0)  # the target box outline, top-left corner
 
 
