@@ -143,13 +143,27 @@ def find_gaze_heads(model: Any, strips: list[Strip], offset: int = 0) -> GazeHea
 
 def heatmap_png(scores: torch.Tensor, path: str | Path, top: int = 5, cell: int = 26,
                 title: str = "gaze-head score (mean correlation)") -> Path:
-    """A layers x heads heatmap (red positive, blue negative, white 0), the `top` heads framed."""
+    """A layers x heads heatmap (red positive, blue negative, white 0), the `top` heads framed. The title,
+    the legend and a colour scale from -1 to 1 lie inside the image, which is as wide as its widest text."""
     layers, heads = scores.shape
     font = ImageFont.load_default()
-    left, head_row, bottom = 44, 40, 30
-    image = Image.new("RGB", (left + heads * cell + 10, head_row + layers * cell + bottom), "white")
+    legend = ["rows: layers, columns: heads", "framed: the top heads", "colour: score from -1 (blue) to +1 (red)"]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max(measure.textlength(line, font=font) for line in [title, *legend])
+    left, head_row, line = 44, 40, 12
+    grid_bottom = head_row + layers * cell
+    scale_top = grid_bottom + 8
+    width = int(max(left + heads * cell + 10, text_width + 10, 4 + 150 + 40))
+    height = scale_top + 12 + 14 + line * len(legend) + 6
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((4, 4), title, fill="black", font=font)
+
+    def colour(v: float) -> tuple[int, int, int]:
+        v = max(-1.0, min(1.0, v))
+        fade = int(255 * (1 - abs(v)))
+        return (255, fade, fade) if v >= 0 else (fade, fade, 255)
+
     for h in range(heads):
         if heads <= 16 or h % max(1, heads // 16) == 0:
             draw.text((left + h * cell + 4, head_row - 14), str(h), fill="black", font=font)
@@ -157,14 +171,16 @@ def heatmap_png(scores: torch.Tensor, path: str | Path, top: int = 5, cell: int 
     for l in range(layers):
         draw.text((4, head_row + l * cell + 6), f"L{l}", fill="black", font=font)
         for h in range(heads):
-            v = max(-1.0, min(1.0, float(scores[l, h])))
-            fade = int(255 * (1 - abs(v)))
-            colour = (255, fade, fade) if v >= 0 else (fade, fade, 255)
             box = [left + h * cell, head_row + l * cell, left + (h + 1) * cell - 1, head_row + (l + 1) * cell - 1]
-            draw.rectangle(box, fill=colour, outline=(0, 0, 0) if (l, h) in best else (230, 230, 230),
-                           width=2 if (l, h) in best else 1)
-    draw.text((4, head_row + layers * cell + 8), "rows: layers, columns: heads; framed: top heads; "
-                                                 "red > 0 > blue", fill="black", font=font)
+            draw.rectangle(box, fill=colour(float(scores[l, h])), outline=(0, 0, 0) if (l, h) in best else (230, 230, 230),
+                           width=2 if (l, h) in best else 1)  # fmt: skip
+    for x in range(150):  # the colour scale, -1 .. +1
+        draw.line([(4 + x, scale_top), (4 + x, scale_top + 10)], fill=colour(x / 74.5 - 1))
+    draw.text((4, scale_top + 12), "-1", fill="black", font=font)
+    draw.text((4 + 72, scale_top + 12), "0", fill="black", font=font)
+    draw.text((4 + 140, scale_top + 12), "+1", fill="black", font=font)
+    for n, text in enumerate(legend):
+        draw.text((4, scale_top + 26 + line * n), text, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

@@ -138,3 +138,18 @@ def test_analyze_command_end_to_end(constructed, tmp_path, capsys):
     assert (tmp_path / "out" / "gaze_heads.png").is_file() and (tmp_path / "out" / "gaze_heads.json").is_file()
     main(["analyze", "comic-strips", "--out", str(tmp_path / "strips"), "--count", "2", "--size", "64"])
     assert len(load_strips(tmp_path / "strips" / "strips.jsonl")) == 2
+
+
+def test_the_heatmap_keeps_its_title_and_legend_inside_the_image(tmp_path):
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from gazelit.analysis.gaze_heads import heatmap_png
+
+    title = "gaze-head score (mean correlation)"
+    picture = Image.open(heatmap_png(torch.randn(2, 3) * 0.3, tmp_path / "h.png", title=title))
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=ImageFont.load_default())
+    assert picture.width >= width + 4
+    pixels = np.asarray(picture.convert("L"))
+    assert (pixels[-14:] < 100).any()  # the legend's last line is drawn inside the image
+    assert (pixels[:, -6:] > 250).all()  # a white margin on the right: nothing cut off there
