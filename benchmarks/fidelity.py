@@ -19,6 +19,8 @@ then generates answers (greedy) for the held-back test split and reports, per ar
     hit_rate        how often a head's selected regions contain the object the question asks about
                     (mean over test images, layers and heads, first answer token); chance is k / 16;
                     also per layer, per layer for "any head", and split by right / wrong answers
+    routing_acc     the share of the selected visual tokens inside the object's region (first answer
+                    token), with hit_rate_mean, hit_rate_best_head (the best layer x head) and the chances
 Writes JSON and prints a markdown table.
 """
 
@@ -45,6 +47,7 @@ ARMS = {
     "gaze-12.5": ["model.gaze.top_k=2"],
     "no-context": ["model.gaze.top_k=2", "model.gaze.num_context=0"],
     "no-schedule": ["model.gaze.top_k=2", "schedule.start_step=0", "schedule.span_steps=0"],
+    "static-12.5": ["model.gaze.top_k=2", "model.gaze.selection=static"],  # regions chosen once per answer
 }
 
 
@@ -110,6 +113,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
     data = GazeDataModule(config, model.tokenizer, model.image_transform(), model.visual_grid, model.num_context)
     correct: dict[str, list[bool]] = defaultdict(list)
     hits, attended, layer_hits = [], [], defaultdict(list)
+    head_hits, head_inside, routed = None, None, 0
     hits_by_outcome: dict[bool, list[float]] = {True: [], False: []}
     any_head: dict[int, list[float]] = defaultdict(list)
     per_unit = model.visual_grid[0] * model.visual_grid[1]
@@ -126,6 +130,13 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
             chosen = trace.tile[0]  # first answer token: (layers, heads, k)
             hit = (chosen == tile).any(-1).float()  # (layers, heads)
             hits.append(hit.mean().item())
+            rh0, rw0, _ = trace.region_shape
+            sizes0 = torch.tensor([_tile_size(t, trace.unit_grids[0], (rh0, rw0)) for t in range(_tiles(trace))])
+            selected = torch.where(chosen >= 0, sizes0[chosen.clamp(min=0)], 0).sum(-1).clamp(min=1)
+            inside = torch.where(chosen == tile, sizes0[tile], 0).sum(-1) / selected  # (layers, heads)
+            head_hits = hit if head_hits is None else head_hits + hit
+            head_inside = inside.float() if head_inside is None else head_inside + inside.float()
+            routed += 1
             hits_by_outcome[right].append(hit.mean().item())
             for layer in range(hit.shape[0]):
                 layer_hits[layer].append(hit[layer].mean().item())
@@ -157,6 +168,12 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
         any_head_hit_rate_by_layer=[mean(v) for _, v in sorted(any_head.items())] or None,
         hit_rate_correct_answers=mean(hits_by_outcome[True]),
         hit_rate_wrong_answers=mean(hits_by_outcome[False]),
+        routing_acc=round(float(head_inside.mean()) / routed, 4) if routed else None,
+        # random regions: the object's region holds region tokens / visual tokens of what is selected
+        routing_acc_chance=round(model.config.gaze.region[0] * model.config.gaze.region[1] / per_unit, 4)
+        if routed else None,
+        hit_rate_mean=round(float(head_hits.mean()) / routed, 4) if routed else None,
+        hit_rate_best_head=round(float(head_hits.max()) / routed, 4) if routed else None,
     )
 
 
