@@ -62,6 +62,17 @@ DRY = {
 }  # fmt: skip
 
 
+def video_layout(cfg, frames: int, batch: int, text_before: int, text_after: int, device):
+    """`batch` copies of: text, `frames` frames of grid x grid tokens with 4 context tokens each, text."""
+    from gazelit.attention import GazeLayout, RegionShape, Unit
+
+    grid, units, pos = cfg["grid"], [], text_before
+    for f in range(frames):
+        units.append(Unit(pos, (grid, grid), video=0, time=f))
+        pos += grid * grid + 4
+    return GazeLayout.build([units] * batch, pos + text_after, 4, RegionShape(*cfg["region"]), device=device)
+
+
 def timed(fn, repeats: int, sync) -> float:
     """Median seconds of `fn()` over `repeats` runs after one warm-up."""
     fn()
@@ -87,7 +98,7 @@ def section_tests(cfg, device, dry) -> dict:
 
 
 def section_attention(cfg, device, dry) -> dict:
-    from gazelit.attention import GazeLayout, RegionShape, Unit, build_state, decode_attention, flex_gaze_attention
+    from gazelit.attention import build_state, decode_attention, flex_gaze_attention
     from gazelit.attention.segmented import segmented_attention
 
     dtype = getattr(torch, cfg["dtype"])
@@ -98,12 +109,8 @@ def section_attention(cfg, device, dry) -> dict:
     for visual in cfg["decode_visual"]:
         frames = visual // (grid * grid)
         for batch in cfg["decode_batch"]:
-            units, pos = [], 8
-            for f in range(frames):
-                units.append(Unit(pos, (grid, grid), video=0, time=f))
-                pos += grid * grid + 4
-            length = pos + 64
-            layout = GazeLayout.build([units] * batch, length, 4, RegionShape(*cfg["region"]), device=device)
+            layout = video_layout(cfg, frames, batch, 8, 64, device)
+            length = layout.length
             k = torch.randn(batch, hkv, length + 1, d, device=device, dtype=dtype)
             v = torch.randn_like(k)
             q = torch.randn(batch, hq, 1, d, device=device, dtype=dtype)
@@ -123,12 +130,8 @@ def section_attention(cfg, device, dry) -> dict:
                          "gaze_ms": 1e3 * t_gaze, "ratio": t_gaze / t_dense, "union_fraction_bound": union})  # fmt: skip
     # training forward + backward at one shape (flex on CUDA, segmented on CPU)
     frames = cfg["frames_train"]
-    units, pos = [], 4
-    for f in range(frames):
-        units.append(Unit(pos, (grid, grid), video=0, time=f))
-        pos += grid * grid + 4
-    length = pos + 128
-    layout = GazeLayout.build([units], length, 4, RegionShape(*cfg["region"]), device=device)
+    layout = video_layout(cfg, frames, 1, 4, 128, device)
+    length = layout.length
     q = torch.randn(1, hq, length, d, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(1, hkv, length, d, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(1, hkv, length, d, device=device, dtype=dtype, requires_grad=True)
@@ -215,17 +218,13 @@ def section_fit(cfg, device, dry) -> dict:
 
 
 def section_generate(cfg, device, dry) -> dict:
-    from gazelit.attention import GazeContext, GazeLayout, RegionShape, Unit, use_gaze
+    from gazelit.attention import GazeContext, use_gaze
 
     model = build_model(cfg, device, "auto").eval()
     llm = model.llm
-    grid, frames, batch = cfg["grid"], cfg["gen_frames"], cfg["gen_batch"]
-    units, pos = [], 16
-    for f in range(frames):
-        units.append(Unit(pos, (grid, grid), video=0, time=f))
-        pos += grid * grid + 4
-    length = pos + 32
-    layout = GazeLayout.build([units] * batch, length, 4, RegionShape(*cfg["region"]), device=device)
+    frames, batch = cfg["gen_frames"], cfg["gen_batch"]
+    layout = video_layout(cfg, frames, batch, 16, 32, device)
+    length = layout.length
     dtype = next(llm.parameters()).dtype
     embeds = torch.randn(batch, length, llm.config.hidden_size, device=device, dtype=dtype) * 0.02
     mask = torch.ones(batch, length, dtype=torch.long, device=device)

@@ -101,13 +101,6 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 self.best_k_models.pop(str(old), None)
         trainer.strategy.barrier("AtomicModelCheckpoint.prune")
 
-    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
-        """Lightning never prunes the checkpoint a run resumed from; here it is pruned like any other of
-        ours, so a resumed run keeps `keep_last`, not one more."""
-        if previous == current:
-            return False
-        return self.dirpath is not None and Path(previous).absolute().parent == Path(self.dirpath).absolute()
-
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
         if trainer.is_global_zero:

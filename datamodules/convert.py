@@ -15,7 +15,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from gazelit.datamodules import media
-from gazelit.datamodules.manifest import MANIFEST_NAME, Manifest, ShardEntry, SkippedRecord
+from gazelit.datamodules.manifest import MANIFEST_NAME, Manifest, ShardEntry, SkippedRecord, stable_detail
 from gazelit.integrity import sha256_file
 from gazelit.datamodules.paths import PathEscape, ensure_inside, resolve_media_path
 from gazelit.datamodules.records import (
@@ -251,15 +250,6 @@ def _prepared_records(jsonl: Path, prepare, workers: int) -> Iterator[PreparedSa
                     yield from in_flight.popleft().get()
                 if not lines and not in_flight:
                     break
-
-
-_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
-
-
-def stable_detail(detail: str) -> str:
-    """An error message without memory addresses (`<_io.BytesIO object at 0x7f...>` -> `<_io.BytesIO>`),
-    so that identical input gives a byte-identical manifest."""
-    return _OBJECT_REPR.sub(r"<\1>", detail)
 
 
 class _ShardWriter:

@@ -7,6 +7,7 @@ every shard directory produced by the converter carries a `manifest.json`.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -21,6 +22,15 @@ class ShardEntry:
     samples: int
     bytes: int | None = None  # size and hash as written (None in manifests of older gazelit versions)
     sha256: str | None = None
+
+
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def stable_detail(detail: str) -> str:
+    """An error message without memory addresses (`<_io.BytesIO object at 0x7f...>` -> `<_io.BytesIO>`),
+    so that identical input gives a byte-identical manifest (and log lines compare across runs)."""
+    return _OBJECT_REPR.sub(r"<\1>", detail)
 
 
 class DamagedShardsError(ValueError):

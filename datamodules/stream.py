@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,14 +28,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from gazelit.datamodules.collate import Collator
 from gazelit.datamodules.samples import ProcessedSample, SampleProcessor
+from gazelit.datamodules.manifest import stable_detail
 from gazelit.datamodules.shards import LOST, MixedDraws, RawSample, ShardSource, SourceReader
 from gazelit.datamodules.skips import SHARD_ERROR, SkipFractionExceeded, SkipSample, SkipTally
 
 log = logging.getLogger(__name__)
-
-
-def stable_message(exc: Exception) -> str:
-    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", str(exc))[:300]
 
 
 @dataclass(frozen=True)
@@ -195,7 +191,7 @@ class _WorkerRun:
         if url not in self._reported:
             self._reported.add(url)
             log.warning("shard %s: %s: %s (its unread samples are skipped as shard_error)", url,
-                        type(exc).__name__, stable_message(exc))  # fmt: skip
+                        type(exc).__name__, stable_detail(str(exc))[:300])  # fmt: skip
 
 
 def _shard_name(raw: RawSample) -> str:

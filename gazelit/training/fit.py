@@ -35,8 +35,9 @@ from gazelit.callbacks.progress import progress_bar
 from gazelit.callbacks.rng_state import RNGStateCheckpoint
 from gazelit.callbacks.routing_image import RoutingImageLogger
 from gazelit.callbacks.stream_resume import StreamResumeAcrossWorldSizes
-from gazelit.integrity import CheckpointError, atomic_write_text, verify_checkpoint
+from gazelit.integrity import CheckpointError, atomic_write_text
 from gazelit.recipe import Recipe, RecipeError, check_paths, flat_hparams, resolved_yaml
+from gazelit.training.checkpoints import checked
 from gazelit.training.parallel import build_strategy
 from gazelit.training.run_lock import RunLock, RunLockedError
 
@@ -112,7 +113,7 @@ def resolve_resume(recipe: Recipe, paths: RunPaths) -> Path | None:
         skipped = []
         for path in found:
             try:
-                _verified(path)
+                checked(path)
             except CheckpointError as e:
                 log.warning("resume: auto skips %s: %s", path.name, e)
                 skipped.append(str(e))
@@ -125,16 +126,9 @@ def resolve_resume(recipe: Recipe, paths: RunPaths) -> Path | None:
     if not path.exists():
         raise RunSetupError(f"resume: {path} does not exist")
     try:
-        return _verified(path)
+        return checked(path)
     except CheckpointError as e:
         raise RunSetupError(f"resume: {e}") from None
-
-
-def _verified(path: Path) -> Path:
-    warning = verify_checkpoint(path)
-    if warning:
-        log.warning(warning)
-    return path
 
 
 def check_fresh_run_dir(resume: Path | None, paths: RunPaths) -> None:
