@@ -8,6 +8,8 @@ import copy
 import json
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -79,3 +81,39 @@ def write_recipe(folder: Path, **kwargs) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(json.dumps({"model": model, "data": {"max_frames": 4}}, indent=1))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- a toy Lightning run
+TOY_FIT_WARNINGS = [  # Lightning's own, about the toy setup
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+    pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),
+    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
+    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
+    pytest.mark.filterwarnings("ignore:The '.*dataloader' does not have many workers"),
+    pytest.mark.filterwarnings("ignore:The number of training batches"),
+]
+
+
+class ToyLinear(L.LightningModule):
+    """The smallest LightningModule: for checkpoint, resume and callback tests that need a real Trainer."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def toy_fit(root: Path, max_steps: int, callbacks, ckpt_path=None) -> L.Trainer:
+    """`max_steps` of ToyLinear on 16 fixed batches, with `callbacks`, writing under `root`."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks, default_root_dir=root)  # fmt: skip
+    trainer.fit(ToyLinear(), DataLoader(torch.randn(64, 4), batch_size=4), ckpt_path=ckpt_path)
+    return trainer

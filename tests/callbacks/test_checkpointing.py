@@ -3,43 +3,18 @@ and `latest_checkpoint` (resume: auto) skips incomplete entries."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from gazelit.integrity import INTEGRITY_SUFFIX
+from ..builders import TOY_FIT_WARNINGS, toy_fit
 from gazelit.callbacks.checkpointing import TMP_PREFIX, AtomicModelCheckpoint, checkpoint_step, latest_checkpoint
 
-pytestmark = [  # Lightning's own, about this toy setup
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-    pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
-    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
-    pytest.mark.filterwarnings("ignore:The '.*dataloader' does not have many workers"),
-    pytest.mark.filterwarnings("ignore:The number of training batches"),
-]
-
-
-class Linear(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+pytestmark = TOY_FIT_WARNINGS
 
 
 def fit(tmp_path, max_steps, checkpoint, ckpt_path=None):
-    torch.manual_seed(0)
-    data = DataLoader(torch.randn(64, 4), batch_size=4)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[checkpoint], default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(Linear(), data, ckpt_path=ckpt_path)
-    return trainer
+    return toy_fit(tmp_path, max_steps, [checkpoint], ckpt_path)
 
 
 def names(folder):

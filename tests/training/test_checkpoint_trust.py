@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from gazelit.callbacks.checkpointing import AtomicModelCheckpoint
 from gazelit.callbacks.interrupt import InterruptReport
@@ -29,36 +28,10 @@ from gazelit.training.checkpoints import export_checkpoint, load_matching_weight
 from gazelit.training.fit import resolve_resume
 from gazelit.training.run_lock import RunLock, RunLockedError
 
+from ..builders import TOY_FIT_WARNINGS, toy_fit
 from .helpers import DEMO_RECIPE, fast_overrides
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-    pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),
-    pytest.mark.filterwarnings("ignore:The '.*dataloader' does not have many workers"),
-    pytest.mark.filterwarnings("ignore:The number of training batches"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
-    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
-]
-
-
-class Linear(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def toy_fit(root: Path, max_steps: int, callbacks, ckpt_path=None) -> L.Trainer:
-    torch.manual_seed(0)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks, default_root_dir=root)  # fmt: skip
-    trainer.fit(Linear(), DataLoader(torch.randn(64, 4), batch_size=4), ckpt_path=ckpt_path)
-    return trainer
+pytestmark = TOY_FIT_WARNINGS
 
 
 def two_checkpoints(tmp_path) -> Path:
