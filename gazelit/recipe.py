@@ -74,6 +74,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), p
         recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _recipe_error(e, str(path)) from None
+    except ValueError as e:  # a schema dataclass's own check (__post_init__) names its key
+        raise RecipeError(f"{path}: {e}") from None
     validate(recipe)
     if paths:
         check_paths(recipe)

@@ -80,6 +80,10 @@ def test_missing_base_and_cycles_are_reported(tmp_path):
         ("model.llm.config.model_type=gpt9", "model.llm.config.model_type"),
         ("data.sources=[{path: /no/such/shards}]", "data.sources[0].path"),
         ("init_from=/no/such/checkpoint.ckpt", "init_from"),
+        ("data.verify=sha", "data.verify"),
+        ("data.damaged_shards=ignore", "data.damaged_shards"),
+        ("data.length_buckets=[256,128]", "data.length_buckets"),
+        ("model.gaze.selection=once", "model.gaze.selection"),
     ],
 )
 def test_values_that_cannot_train_are_rejected_naming_the_key(tmp_path, override, key, capsys):

@@ -138,3 +138,17 @@ def test_several_blocks_in_flight_keep_line_order(tmp_path):
     assert [r.line for r in one.skipped] == [r.line for r in two.skipped]
     for shard in one.shards:
         assert (tmp_path / "one" / shard.name).read_bytes() == (tmp_path / "two" / shard.name).read_bytes()
+
+
+def test_gazelit_index_refuses_empty_folders_and_damaged_shards_in_one_line(tmp_path, capsys):
+    from gazelit.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["index", str(tmp_path / "empty")]) == 2
+    assert "no .tar shards" in capsys.readouterr().err
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "part-0000.tar").write_bytes(b"not a tar archive at all" * 40)
+    assert main(["index", str(tmp_path / "cut")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "part-0000.tar" in err[0]
+    assert not (tmp_path / "cut" / "manifest.json").exists()

@@ -10,7 +10,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,7 +117,7 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint_and_says_why(tmp
     folder = two_checkpoints(tmp_path)
     flip_byte(folder / "step=000004.ckpt")
     with caplog.at_level(logging.WARNING):
-        assert auto(folder) == folder / "step=000004.ckpt".replace("4", "2")
+        assert auto(folder) == folder / "step=000002.ckpt"
     assert "skips step=000004.ckpt" in caplog.text and "sha256 differs" in caplog.text
     # a truncated newest checkpoint: the size says so before any hashing
     folder2 = two_checkpoints(tmp_path / "b")
@@ -237,4 +236,3 @@ def test_ctrl_c_prints_the_last_checkpoint_and_the_command_that_continues(tmp_pa
     err = capsys.readouterr().err
     assert f"last checkpoint: {folder / 'step=000002.ckpt'} (step 2)" in err
     assert "continue with: gazelit fit recipes/demo.yaml resume=auto" in err
-    time.sleep(0)
