@@ -29,8 +29,8 @@ class RoutingAccuracy:
 
     def __init__(self, top_k: int, shared: bool = False):
         self.top_k, self.shared = top_k, shared
-        self.inside: torch.Tensor | None = None  # (layers, heads) summed routing accuracy
-        self.hits: torch.Tensor | None = None
+        self.inside: dict[int, torch.Tensor] = {}  # layer -> (heads,) routing accuracy summed over samples
+        self.hits: dict[int, torch.Tensor] = {}
         self.samples = 0
         self.chance_inside = 0.0
         self.chance_hit = 0.0
@@ -85,14 +85,8 @@ class RoutingAccuracy:
             selected = valid.sum((1, 2)).clamp(min=1)
             inside = in_obj.sum((1, 2)).float() / selected
             hit = in_obj.any(-1).any(-1).float()
-            if self.inside is None:
-                self.inside = torch.zeros(0, query.shape[1])
-                self.hits = torch.zeros(0, query.shape[1])
-            while self.inside.shape[0] <= layer:
-                self.inside = torch.cat([self.inside, torch.zeros(1, query.shape[1])])
-                self.hits = torch.cat([self.hits, torch.zeros(1, query.shape[1])])
-            self.inside[layer] += inside.float().cpu()
-            self.hits[layer] += hit.cpu()
+            self.inside[layer] = self.inside.get(layer, 0) + inside.float().cpu()
+            self.hits[layer] = self.hits.get(layer, 0) + hit.cpu()
             if layer == 0:
                 self.samples += 1
                 candidates = available & (sizes[b] > 0)
@@ -107,9 +101,11 @@ class RoutingAccuracy:
     def metrics(self) -> dict[str, float]:
         """Means over samples: routing accuracy and hit rate (all layers and heads, and per layer), the
         best (layer, head)'s hit rate, and the chance levels."""
-        if not self.samples or self.inside is None:
+        if not self.samples or not self.inside:
             return {}
-        inside, hits = self.inside / self.samples, self.hits / self.samples
+        layers = sorted(self.inside)
+        inside = torch.stack([self.inside[layer] for layer in layers]) / self.samples  # (layers, heads)
+        hits = torch.stack([self.hits[layer] for layer in layers]) / self.samples
         out = {
             "routing_acc": float(inside.mean()), "routing_acc_chance": self.chance_inside / self.samples,
             "hit_rate_mean": float(hits.mean()), "hit_rate_best_head": float(hits.max()),
