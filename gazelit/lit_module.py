@@ -82,6 +82,7 @@ class GazeVLMModule(L.LightningModule):
         self._last_step_end: float | None = None
         self.parallel_plan = None  # gazelit.training.parallel.ParallelPlan; None: plain module
         self._parallelism_applied = False
+        self.init_from: str | None = None  # weights loaded in configure_model, after sharding
 
     # ------------------------------------------------------------------ set-up
     def on_fit_start(self) -> None:
@@ -97,6 +98,12 @@ class GazeVLMModule(L.LightningModule):
         from gazelit.training.parallel import apply_parallelism
 
         apply_parallelism(self.model, self.parallel_plan, self.device_mesh)
+        # weights of components built empty (fsdp2 start-up): each rank reads only its shards
+        self.model.load_pretrained_shards(self.trainer.strategy.root_device if self._trainer else "cpu")
+        if self.init_from:
+            from gazelit.training.checkpoints import load_matching_weights
+
+            load_matching_weights(self.model, self.init_from)
         self._parallelism_applied = True
 
     def configure_optimizers(self):

@@ -53,6 +53,29 @@ def tiny_vlm(seed: int = 0, tokenizer=TOKENIZER, **kwargs) -> GazeVLM:
     return GazeVLM.build(model_config(**kwargs), tokenizer=tokenizer).eval()
 
 
+def pretrained_config(folder: Path, llm="qwen3", vision="siglip2", dtype=None, tie=False, seed=0, llm_fields=None,
+                      **kwargs) -> ModelConfig:
+    """`model_config(**kwargs)` whose LLM and vision tower are local transformers directories written with
+    `save_pretrained` under `folder` (random weights, saved in `dtype`; `tie`: tied word embeddings;
+    `llm_fields` override the tiny LLM's config fields, e.g. to make it large)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from gazelit.models.vision import vision_family
+
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in TINY_LLM[llm].items() if k != "model_type"} | dict(llm_fields or {})
+    llm_model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(TINY_LLM[llm]["model_type"], **{**fields, "tie_word_embeddings": tie}))
+    family = vision_family(vision)
+    vision_model = AutoModel.from_config(family.config_from_mapping(TINY_VISION[vision]))
+    for name, module in (("llm", llm_model), ("vision", vision_model)):
+        (module.to(dtype) if dtype else module).save_pretrained(folder / name)
+    config = model_config(llm=llm, vision=vision, **kwargs)
+    config.llm = LLMSpec(pretrained=str(folder / "llm"))
+    config.vision = VisionSpec(vision, pretrained=str(folder / "vision"))
+    return config
+
+
 # samples for tests/batches.make_batch: text around images, a text-only sample, a 3-frame video
 MIXED = [
     [("text", 3), ("image",), ("text", 2), ("image",), ("text", 5)],  # text before, between, after

@@ -37,3 +37,14 @@ def exactly_one_source(pretrained: str | None, config: Mapping[str, Any] | None,
             f"{what}: got {problem} `pretrained` and `config`; give exactly one "
             "(`pretrained`: hub id or local directory; `config`: mapping of config fields for a random init)"
         )
+
+
+def checkpoint_dtype(config: Any, requested: torch.dtype | str | None) -> torch.dtype:
+    """The dtype `from_pretrained` gives a checkpoint's parameters: the requested one, else ("auto" or
+    None) the dtype its config records, else float32."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded.removeprefix("torch."), None)
+    return recorded if isinstance(recorded, torch.dtype) else torch.float32

@@ -13,6 +13,8 @@ attention and no context tokens.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +41,11 @@ from gazelit.schema import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, ModelConfig, r
 from gazelit.shapes import pooled_grid
 from gazelit.models.llm import build_llm, decoder_layer_class
 from gazelit.models.projectors import Projector, build_projector
+from gazelit.models.sharded_loading import covers, load_safetensors_shards, materialize
 from gazelit.models.vision import VisionEncoder, build_vision_encoder
 from gazelit.tokenizer import build_tiny_tokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
 CONFIG_FILE, WEIGHTS_FILE = MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE
 LLM_DIR = "llm"  # the LLM as a standard transformers directory inside a model directory
 LLM_PREFIX = "llm."
@@ -102,6 +106,7 @@ class GazeVLM(nn.Module):
         m = config.num_context
         std = getattr(llm.config, "initializer_range", 0.02)
         self.context_tokens = nn.Parameter(torch.randn(m, hidden) * std)
+        self.pending_weights: dict[str, str] = {}  # component -> directory whose weights are still to be read
         self.top_k: int | None = config.gaze.top_k  # resolved by config.validate(); the k schedule lowers it
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             raise ValueError(
@@ -111,24 +116,59 @@ class GazeVLM(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> GazeVLM:
+    def build(
+        cls, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, *, empty_pretrained: bool = False
+    ) -> GazeVLM:
+        """The model a recipe's `model:` describes. `empty_pretrained` (sharded training): components with
+        a local `pretrained` directory get their parameters on the meta device and no weights; after
+        sharding, `load_pretrained_shards` gives each rank its shards from the safetensors files. Everything
+        else (projector, context tokens, components from a config) is built and initialised as usual."""
         config.validate()
         v = config.vision
-        vision = build_vision_encoder(
-            v.family, pretrained=v.pretrained, config=v.config, feature_layer=v.feature_layer,
-            trainable=v.trainable, options=v.options,
-        )
         attn = BACKEND_NAME if config.gaze.enabled else config.llm.options.get("attn_implementation", "sdpa")
         llm_options = {k: val for k, val in config.llm.options.items() if k != "attn_implementation"}
-        llm = build_llm(
-            pretrained=config.llm.pretrained, config=config.llm.config, attn_implementation=attn,
-            dtype=config.llm.dtype, options=llm_options,
-        )
+        builders = {
+            "vision.model": (v.pretrained, lambda empty: build_vision_encoder(
+                v.family, pretrained=v.pretrained, config=v.config, feature_layer=v.feature_layer,
+                trainable=v.trainable, options=v.options, empty=empty)),
+            "llm": (config.llm.pretrained, lambda empty: build_llm(
+                pretrained=config.llm.pretrained, config=config.llm.config, attn_implementation=attn,
+                dtype=config.llm.dtype, options=llm_options, empty=empty)),
+        }  # fmt: skip
+        parts, pending = {}, {}
+        for name, (pretrained, build) in builders.items():
+            empty = empty_pretrained and pretrained is not None and Path(pretrained).is_dir()
+            # Loading a checkpoint draws no random numbers that count: the projector's and the context
+            # tokens' init is the same whether the pretrained parts were loaded whole or built empty.
+            with _rng_kept(pretrained is not None):
+                part = build(empty)
+                if empty and not covers(part.get_submodule(name.partition(".")[2]), pretrained):
+                    log.warning("%s: the file names of %s differ from the module's (transformers renames them "
+                                "when it loads); loading it whole on every rank", name, pretrained)  # fmt: skip
+                    part, empty = build(False), False
+            parts[name.partition(".")[0]] = part
+            if empty:
+                pending[name] = pretrained
+        vision, llm = parts["vision"], parts["llm"]
         hidden = llm.get_input_embeddings().embedding_dim
         projector = build_projector(config.projector.kind, vision.hidden_size, hidden)
         if tokenizer is None:
             tokenizer = cls._load_tokenizer(config)
-        return cls(config, vision, projector, llm, tokenizer)
+        model = cls(config, vision, projector, llm, tokenizer)
+        model.pending_weights = pending
+        return model
+
+    def load_pretrained_shards(self, device: torch.device | str = "cpu") -> None:
+        """Fill in the parameters `build(empty_pretrained=True)` left on the meta device: storage on `device`
+        for every meta parameter (each rank only its shards once FSDP2 has sharded them), then each
+        component's weights read from its safetensors files, each rank reading only its own rows."""
+        if not self.pending_weights:
+            return
+        materialize(self, device)
+        for name, directory in self.pending_weights.items():
+            count = load_safetensors_shards(self.get_submodule(name), directory)
+            log.info("%s: %d tensors read from %s", name, count, directory)
+        self.pending_weights = {}
 
     @staticmethod
     def _load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -435,14 +475,20 @@ def load_exact_weights(model: nn.Module, state: dict[str, torch.Tensor], source:
         raise ValueError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def _rng_kept(keep: bool):
+    """The CPU random state as it was before the block (when `keep`)."""
+    return torch.random.fork_rng(devices=[]) if keep else nullcontext()
+
+
 def tied_parameter_names(model: nn.Module) -> list[str]:
-    """State-dict names that alias another entry (tied embeddings)."""
-    seen, tied = set(), []
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
+    """Names of parameters that are another parameter under a second name (tied embeddings); by identity,
+    so it holds for meta and sharded parameters too."""
+    seen: set[int] = set()
+    tied = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
             tied.append(name)
-        seen.add(key)
+        seen.add(id(param))
     return tied
 
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from gazelit.models._hf import check_options, exactly_one_source, resolve_dtype
+from gazelit.models._hf import check_options, checkpoint_dtype, exactly_one_source, resolve_dtype
+from gazelit.models.sharded_loading import parameters_on_meta
 
 __all__ = ["LLM_OPTIONS", "build_llm", "decoder_layer_class", "decoder_layers"]
 
@@ -27,13 +28,18 @@ def build_llm(
     attn_implementation: str = "sdpa",
     dtype: torch.dtype | str | None = None,
     options: Mapping[str, Any] | None = None,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """A causal LM from a checkpoint (`pretrained`: hub id or local directory) or from config fields
     (`config`: a mapping with `model_type`, e.g. "qwen3", plus fields; random init); exactly one.
 
     `dtype` None keeps transformers' default: the checkpoint's dtype for `pretrained`, float32 for
     `config`. `options`: trust_remote_code, revision. A checkpoint missing some of the model's weights is
-    an error (tied embeddings are not missing). Unlike vision configs, LLM config fields are not checked
+    an error (tied embeddings are not missing).
+
+    `empty` (with `pretrained`, a local directory): build the architecture with its parameters on the meta
+    device and read no weights; `gazelit.models.sharded_loading` fills them in after sharding. The dtype
+    is the one `from_pretrained` would give. Unlike vision configs, LLM config fields are not checked
     by name: transformers accepts legacy names (e.g. rope_theta) that are not attributes.
     """
     exactly_one_source(pretrained, config, "build_llm")
@@ -44,7 +50,13 @@ def build_llm(
     }
     if (resolved := resolve_dtype(dtype)) is not None:
         kwargs["dtype"] = resolved
+    if pretrained is not None and empty:
+        hf_config = AutoConfig.from_pretrained(pretrained, trust_remote_code=opts["trust_remote_code"])
+        kwargs["dtype"] = checkpoint_dtype(hf_config, kwargs.get("dtype"))
+        with parameters_on_meta():
+            return AutoModelForCausalLM.from_config(hf_config, **kwargs)
     if pretrained is not None:
+        kwargs.setdefault("dtype", "auto")  # the checkpoint's dtype on every transformers version
         if opts["revision"]:
             kwargs["revision"] = opts["revision"]
         model, info = AutoModelForCausalLM.from_pretrained(pretrained, output_loading_info=True, **kwargs)

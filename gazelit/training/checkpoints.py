@@ -164,7 +164,7 @@ def load_matching_weights(model: nn.Module, source: str | Path) -> WeightsReport
         missing=[n for n in own if n not in state and n not in tied],
         unexpected=[n for n in state if n not in own],
     )
-    model.load_state_dict({n: state[n] for n in report.loaded}, strict=False)
+    load_full_state(model, {n: state[n] for n in report.loaded})
     log.info("init_from %s: %d tensors loaded", source, len(report.loaded))
     if report.missing:
         log.warning("init_from %s: %d tensors not in the source keep their initial values: %s",
@@ -173,6 +173,19 @@ def load_matching_weights(model: nn.Module, source: str | Path) -> WeightsReport
         log.warning("init_from %s: %d source tensors have no place in the model: %s",
                     source, len(report.unexpected), report.unexpected[:10])  # fmt: skip
     return report
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full (unsharded) tensors into a model, sharded by FSDP2 or not (names absent from `state` keep
+    their values): each rank keeps its own shard of every tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(t, DTensor) for t in model.state_dict().values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------- export

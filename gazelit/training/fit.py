@@ -157,17 +157,23 @@ def build_module(recipe: Recipe, resume: Path | None):
     from gazelit.models.gaze_vlm import GazeVLM
     from gazelit.training.checkpoints import load_matching_weights
 
-    model = GazeVLM.build(recipe.model)
+    # fsdp2: pretrained components start on the meta device; configure_model reads each rank's shards
+    model = GazeVLM.build(recipe.model, empty_pretrained=recipe.trainer.strategy.name == "fsdp2")
+    module = GazeVLMModule(recipe.model, recipe.train, model=model)
     if recipe.init_from and resume is None:
         try:
-            load_matching_weights(model, recipe.init_from)
+            if model.pending_weights:  # loaded after the pretrained weights, or they would overwrite it
+                checked(recipe.init_from)
+                module.init_from = recipe.init_from
+            else:
+                load_matching_weights(model, recipe.init_from)
         except (CheckpointError, FileNotFoundError) as e:
             raise RunSetupError(f"init_from: {e}") from None
     elif recipe.init_from:
         log.info(
             "resuming from %s: init_from %s is not applied (the checkpoint holds the weights)", resume, recipe.init_from
         )
-    return GazeVLMModule(recipe.model, recipe.train, model=model)
+    return module
 
 
 def build_datamodule(recipe: Recipe, model: Any):

@@ -50,17 +50,19 @@ def build_vision_encoder(
     feature_layer: int = -2,
     trainable: bool = False,
     options: Mapping[str, Any] | None = None,
+    empty: bool = False,
 ) -> VisionEncoder:
     """Build a vision encoder of `family` from a checkpoint (`pretrained`: hub id or local directory) or
     from config fields (`config`: random init); exactly one of the two.
 
     `feature_layer` indexes the hidden states (0 = embeddings, -1 = last block, default -2); blocks after
     it are not kept. The encoder is frozen unless `trainable`. `options`: image_size, pad_to_square,
-    attn_implementation, dtype, trust_remote_code, revision (see `base.VISION_OPTIONS`).
+    attn_implementation, dtype, trust_remote_code, revision (see `base.VISION_OPTIONS`). `empty` (with
+    `pretrained`): parameters on the meta device, weights read later (`gazelit.models.sharded_loading`).
     """
     cls = vision_family(family)
     exactly_one_source(pretrained, config, f"build_vision_encoder({family!r})")
     common = {"feature_layer": feature_layer, "trainable": trainable, "options": options}
     if pretrained is not None:
-        return cls.from_pretrained(pretrained, **common)
+        return cls.from_pretrained(pretrained, empty=empty, **common)
     return cls.from_config(config, **common)

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
-from gazelit.models._hf import check_options, resolve_dtype
+from gazelit.models._hf import check_options, checkpoint_dtype, resolve_dtype
+from gazelit.models.sharded_loading import parameters_on_meta
 
 log = logging.getLogger(__name__)
 
@@ -317,11 +318,14 @@ class VisionEncoder(nn.Module):
         feature_layer: int = -2,
         trainable: bool = False,
         options: Mapping[str, Any] | None = None,
+        empty: bool = False,
     ) -> VisionEncoder:
         """Load the vision tower (and its image processor) from a hub id or a local directory.
 
         A full image-text checkpoint (SigLIP, CLIP) works too: only its vision tower is loaded. A checkpoint
         that lacks some of the tower's weights is an error rather than a silently random-initialised tower.
+        `empty`: build the tower with parameters on the meta device and read no weights (they are read
+        after sharding, by `gazelit.models.sharded_loading`).
         """
         opts = check_options(options, VISION_OPTIONS, f"{cls.family} vision")
         hub: dict[str, Any] = {"revision": opts["revision"]} if opts["revision"] else {}
@@ -331,12 +335,18 @@ class VisionEncoder(nn.Module):
         cls.check_model_type(vision_config.model_type)
 
         load: dict[str, Any] = {"attn_implementation": opts["attn_implementation"], **hub}
-        if (dtype := resolve_dtype(opts["dtype"])) is not None:
-            load["dtype"] = dtype
-        model, info = cls.model_class(vision_config).from_pretrained(pretrained, output_loading_info=True, **load)
-        bad = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
-        if bad:
-            raise ValueError(f"{pretrained}: the checkpoint does not hold these {cls.family} weights: {bad[:8]}")
+        load["dtype"] = resolve_dtype(opts["dtype"]) or "auto"  # None: the checkpoint's dtype
+        if empty:
+            load["dtype"] = checkpoint_dtype(hf_config, load["dtype"])
+            with parameters_on_meta():
+                model = cls.model_class(vision_config)._from_config(
+                    vision_config, attn_implementation=load["attn_implementation"], dtype=load["dtype"]
+                )
+        else:
+            model, info = cls.model_class(vision_config).from_pretrained(pretrained, output_loading_info=True, **load)
+            bad = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+            if bad:
+                raise ValueError(f"{pretrained}: the checkpoint does not hold these {cls.family} weights: {bad[:8]}")
 
         image_size = opts["image_size"] or _square(model.config.image_size, "image_size")
         return cls(
