@@ -43,6 +43,7 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 VISION_FAMILY_NAMES = ("siglip2", "siglip", "clip", "dinov2")
 PROJECTOR_KINDS = ("mlp2x_gelu", "conv_mlp2x_gelu")
 GAZE_IMPLS = ("auto", "segmented", "flex", "reference")
+DECODE_PATHS = ("auto", "torch", "triton")
 LLM_MODEL_TYPES = ("qwen3", "qwen2", "llama")  # decoders whose attention modules the gaze backend is tested on
 
 
@@ -86,6 +87,7 @@ class GazeSpec:
     impl: str = "auto"  # auto | segmented | flex | reference
     selection: str = "dynamic"  # dynamic (re-selected per generated token) | static (first token's, kept)
     chunk: int = 128  # query rows per masked piece on the CPU path
+    decode: str = "auto"  # cached decode: auto (the fused Triton kernels on CUDA, torch on CPU) | torch | triton
 
 
 @dataclass
@@ -112,6 +114,7 @@ class ModelConfig:
             ("model.projector.kind", "projector kind", self.projector.kind, PROJECTOR_KINDS),
             ("model.gaze.impl", "gaze implementation", self.gaze.impl, GAZE_IMPLS),
             ("model.gaze.selection", "gaze selection", self.gaze.selection, ("dynamic", "static")),
+            ("model.gaze.decode", "gaze decode path", self.gaze.decode, DECODE_PATHS),
         ):
             if value not in names:
                 raise ValueError(f"{key}: unknown {what} {value!r}; choose one of {', '.join(names)}")

@@ -22,6 +22,7 @@ from gazelit.attention.decode import DecodeState
 from gazelit.attention.layout import GazeLayout
 
 IMPLEMENTATIONS = ("auto", "reference", "segmented", "flex")
+DECODE_PATHS = ("auto", "torch", "triton")
 SELECTIONS = ("dynamic", "static")
 
 
@@ -46,6 +47,9 @@ class GazeContext:
     # first generated token is kept for the rest of the generation (an eviction-style baseline, as HERMES
     # and InfiniPot-V select once)
     selection: str = "dynamic"
+    # cached decode steps: "auto" runs the fused Triton kernels on CUDA and the torch path elsewhere;
+    # "triton" forces the kernels (on CPU tensors they need TRITON_INTERPRET=1: tests)
+    decode: str = "auto"
     record_routing: bool = False
     collect_stats: bool = False
     # called after every gaze attention call with layer, query, key, value, layout, q_offset, scale,
@@ -61,6 +65,8 @@ class GazeContext:
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown gaze selection {self.selection!r}; choose one of {SELECTIONS}")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"unknown gaze decode path {self.decode!r}; choose one of {DECODE_PATHS}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown gaze implementation {self.impl!r}; choose one of {IMPLEMENTATIONS}")
         if self.top_k is not None and self.top_k < 0:

@@ -35,6 +35,26 @@ class DecodeState:
     nonvisual_v: torch.Tensor
     nonvisual_valid: torch.Tensor  # (B, Na) bool (False for padding slots)
     built_at: int  # cache length the state covers; keys at >= built_at are read from the cache
+    nonvisual_pos: torch.Tensor | None = None  # (B, Na) cache positions of the compact rows, -1 for padding
+    regions_max: int = 0  # regions of the sample with the most (all are available once decoding starts)
+    _tables: DecodeTables | None = None
+
+    def tables(self, layout: GazeLayout) -> DecodeTables:
+        """Index tables of the fused CUDA path, made once per state (int32, contiguous)."""
+        if self._tables is None:
+            self._tables = DecodeTables(
+                ready=layout.region_ready.contiguous(),
+                tokens=layout.region_tokens.to(torch.int32).contiguous(),
+                nonvisual_pos=self.nonvisual_pos.to(torch.int32).contiguous(),
+            )
+        return self._tables
+
+
+@dataclass
+class DecodeTables:
+    ready: torch.Tensor  # (B, R) int64: first position that may see each region
+    tokens: torch.Tensor  # (B, R, T) int32: cache positions of each region's tokens, -1 padded
+    nonvisual_pos: torch.Tensor  # (B, Na) int32
 
 
 def build_state(k: torch.Tensor, v: torch.Tensor, layout: GazeLayout, length: int) -> DecodeState:
@@ -57,6 +77,8 @@ def build_state(k: torch.Tensor, v: torch.Tensor, layout: GazeLayout, length: in
         nonvisual_v=v.gather(2, idx),
         nonvisual_valid=valid,
         built_at=length,
+        nonvisual_pos=order.masked_fill(~valid, -1),
+        regions_max=int(layout.region_count.max()) if layout.batch_size else 0,
     )
 
 

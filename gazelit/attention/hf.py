@@ -7,7 +7,8 @@ and Llama attention modules then call `gaze_attention` with their post-RoPE quer
 Dispatch per call (per layer):
   no GazeContext                     -> plain causal attention with padding (the base model)
   queries start at position 0        -> full path: segmented (CPU) / flex (CUDA) / reference
-  later queries, all text            -> cached decode (descriptors and non-visual K/V built once per layer)
+  later queries, all text            -> cached decode (descriptors and non-visual K/V built once per layer):
+                                        fused Triton kernels on CUDA (triton_decode), torch elsewhere
   later queries holding visual units -> full path with a query offset (e.g. a new image in a later turn)
 Static caches hand over their whole buffer; the query offset transformers computes from the cache (seen by
 the mask hook) says how much of it is real. With a context the HF `attention_mask` is not read: the layout
@@ -15,6 +16,8 @@ marks padding.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from transformers import AttentionInterface
@@ -99,7 +102,7 @@ def gaze_attention(
         if ctx.selection == "static" and layer in ctx.static_routing:
             kept = ctx.static_routing[layer]
             fixed = kept.expand(-1, -1, query.shape[2], -1)
-        out, sel, scores = decode_attention(
+        out, sel, scores = decode_path(ctx, query)(
             query, key, value, layout, state, ctx.top_k, q0, scale=scaling, shared=ctx.shared_gqa, routing=fixed
         )
         if ctx.selection == "static" and layer not in ctx.static_routing:
@@ -127,6 +130,29 @@ def gaze_attention(
         ctx.routing.append(RoutingRecord(layer, valid - 1, idx[:, :, 0], sc[:, :, 0]))
     _probe(ctx, layer, query, key, value, q0, scaling)
     return out, None
+
+
+def decode_path(ctx: GazeContext, query: torch.Tensor):
+    """The cached-decode function: the fused Triton kernels on CUDA (or when asked for), else torch's."""
+    if ctx.decode == "torch" or (ctx.decode == "auto" and not query.is_cuda):
+        return decode_attention
+    try:
+        from gazelit.attention.triton_decode import fused_decode_attention
+    except ImportError as e:  # no triton
+        if ctx.decode == "triton":
+            raise RuntimeError(f"gaze decode 'triton' needs the triton package: {e}") from None
+        _warn_once("triton is not installed: gaze decoding runs the torch path (pip install triton)")
+        return decode_attention
+    return fused_decode_attention
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _probe(ctx: GazeContext, layer, query, key, value, q0, scale) -> None:

@@ -289,7 +289,7 @@ class GazeVLM(nn.Module):
         g = self.config.gaze
         k = self.top_k if gaze_k is MODEL_K else gaze_k
         return GazeContext(layout, top_k=k, shared_gqa=g.shared_gqa, impl=g.impl, chunk=g.chunk,
-                           selection=g.selection, **kwargs)
+                           selection=g.selection, decode=g.decode, **kwargs)
 
     def forward(
         self, batch: dict, gaze_k: int | None | object = MODEL_K, collect_stats: bool = False, probe=None,
