@@ -8,8 +8,11 @@ regions (16 per frame), 4 context tokens per frame, 256 text tokens; 4,608 / 18,
 
 dense = torch SDPA over the whole cache (is_causal for training). `dense_matmul_ms` is a second, stronger
 CPU decode baseline (grouped matmul + softmax, no KV head expansion), reported so ratios are honest.
-gaze decode = gazelit.attention.decode_attention on a prebuilt per-layer state (descriptors and compact
-non-visual K/V are built once per layer, like the KV cache itself); routing_ms is its scoring + top-k alone.
+gaze decode = what generate() runs on a prebuilt per-layer state (descriptors and compact non-visual K/V
+are built once per layer, like the KV cache itself): the fused Triton kernels on CUDA (batch 1 and 8, dense
+= SDPA with the flash backend), gazelit.attention.decode_attention on CPU; routing_ms is its scoring + top-k
+alone. union_fraction: the bytes a step must read over dense's; targets: gaze / dense <= 1.5 x union (GPU),
+gaze / dense_matmul <= 2.5 x union (CPU).
 gaze training = the segmented path on CPU, FlexAttention (compiled) on CUDA, routing included.
 Every ratio is gaze / dense measured in the same process, interleaved, median of repeats.
 """
@@ -17,6 +20,7 @@ Every ratio is gaze / dense measured in the same process, interleaved, median of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -45,12 +49,12 @@ GRID, M, TEXT = (24, 24), 4, 256
 REGION = RegionShape(6, 6, 1)
 
 
-def video_layout(frames: int, text_before: int, text_after: int) -> GazeLayout:
+def video_layout(frames: int, text_before: int, text_after: int, batch: int = 1) -> GazeLayout:
     units, pos = [], text_before
     for t in range(frames):
         units.append(Unit(pos, GRID, video=0, time=t))
         pos += GRID[0] * GRID[1] + M
-    return GazeLayout.build([units], pos + text_after, M, REGION)
+    return GazeLayout.build([units] * batch, pos + text_after, M, REGION)
 
 
 def timed(fn, device, repeats: int) -> list[float]:
@@ -83,7 +87,7 @@ def union_fraction(q, state, layout, k_top, shared, visual, nonvisual, kv_bytes)
     of the union of its query heads' selected regions plus the text and context rows, plus the region
     descriptors it scores (float32); dense reads every K and V row of every KV head."""
     avail = torch.ones(1, 1, 1, layout.num_regions, dtype=torch.bool, device=q.device)
-    sel, _ = select_regions(region_scores(q, state.descriptors), avail, k_top, HKV, shared=shared)
+    sel, _ = select_regions(region_scores(q[:1], state.descriptors[:1]), avail, k_top, HKV, shared=shared)
     sizes = (layout.region_tokens[0] >= 0).sum(-1)  # tokens per region
     group = HQ // HKV
     rows = 0
@@ -95,21 +99,22 @@ def union_fraction(q, state, layout, k_top, shared, visual, nonvisual, kv_bytes)
     return read / (HKV * (visual + nonvisual) * 2 * D * kv_bytes)
 
 
-def decode_rows(frames_list, ks, device, dtype, repeats):
+def decode_rows(frames_list, ks, device, dtype, repeats, batches=(1,)):
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
-    for frames in frames_list:
-        layout = video_layout(frames, 0, TEXT).to(device)
+    for frames, batch in [(f, b) for f in frames_list for b in batches]:
+        layout = video_layout(frames, 0, TEXT, batch).to(device)
         s = layout.length
-        k = torch.randn(1, HKV, s + 1, D, generator=g).to(device, dtype)
-        v = torch.randn(1, HKV, s + 1, D, generator=g).to(device, dtype)
-        q = torch.randn(1, HQ, 1, D, generator=g).to(device, dtype)
+        k = torch.randn(batch, HKV, s + 1, D, generator=g).to(device, dtype)
+        v = torch.randn(batch, HKV, s + 1, D, generator=g).to(device, dtype)
+        q = torch.randn(batch, HQ, 1, D, generator=g).to(device, dtype)
         kd, vd = k[:, :, : s + 1], v[:, :, : s + 1]
         state = build_state(k, v, layout, s)
-        qg = q.view(1, HKV, HQ // HKV, D)
+        qg = q.view(batch, HKV, HQ // HKV, D)
 
         def dense():
-            F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
+            with dense_backend(device):
+                F.scaled_dot_product_attention(q, kd, vd, enable_gqa=True)
 
         def dense_matmul():
             w = (qg @ kd.transpose(-1, -2)) * D**-0.5
@@ -119,15 +124,7 @@ def decode_rows(frames_list, ks, device, dtype, repeats):
         nonvisual = frames * M + TEXT + 1
         for k_top in ks:
             for shared in ([False] if k_top is None else [False, True]):
-
-                def gaze(k_top=k_top, shared=shared):
-                    decode_attention(q, k, v, layout, state, k_top, s, shared=shared)
-
-                avail = torch.ones(1, 1, 1, layout.num_regions, dtype=torch.bool, device=device)
-
-                def route(k_top=k_top, shared=shared):
-                    select_regions(region_scores(q, state.descriptors), avail, k_top, HKV, shared=shared)
-
+                gaze, route = gaze_step(q, k, v, layout, state, k_top, s, shared, device)
                 t = side_by_side(
                     {"dense": dense, "dense_matmul": dense_matmul, "gaze": gaze, "routing": route}, device, repeats
                 )
@@ -136,10 +133,12 @@ def decode_rows(frames_list, ks, device, dtype, repeats):
                 union = union_fraction(q, state, layout, k_top, shared, visual, nonvisual, k.element_size())
                 rows.append(
                     dict(
+                        batch=batch,
                         visual_tokens=visual,
                         text_tokens=TEXT,
                         k="all" if k_top is None else k_top,
                         gqa="shared" if shared else "per_head",
+                        path="triton" if device == "cuda" and k_top is not None else "torch",
                         attended_fraction=round(fraction, 4),
                         dense_ms=round(t["dense"], 3),
                         dense_matmul_ms=round(t["dense_matmul"], 3),
@@ -150,11 +149,37 @@ def decode_rows(frames_list, ks, device, dtype, repeats):
                         routing_share=round(t["routing"] / t["gaze"], 4),
                         target_ratio=round(1.5 * fraction, 4),
                         union_fraction=round(union, 4),
+                        target_vs_union=round(1.5 * union, 4),  # GPU target: gaze / flash SDPA <= 1.5 x union
                         target_vs_matmul=round(2.5 * union, 4),  # CPU target: gaze / matmul <= 2.5 x union
                     )
                 )
                 print_row("decode", rows[-1])
     return rows
+
+
+def dense_backend(device: str):
+    """The dense decode baseline on CUDA is SDPA with the flash backend; on CPU, SDPA as torch picks it."""
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
+def gaze_step(q, k, v, layout, state, k_top, s, shared, device):
+    """(a decode step as generate() runs it, its routing alone): the fused Triton kernels on CUDA, the torch
+    path on CPU."""
+    if device == "cuda" and k_top is not None:
+        from gazelit.attention.triton_decode import fused_decode_attention, fused_route
+
+        tables = state.tables(layout)
+        q3 = q[:, :, 0]
+        kk = min(k_top, layout.num_regions)
+        return (lambda: fused_decode_attention(q, k, v, layout, state, k_top, s, shared=shared),
+                lambda: fused_route(q3, state, tables, s, kk, HQ // HKV, shared))  # fmt: skip
+    avail = torch.ones(1, 1, 1, layout.num_regions, dtype=torch.bool, device=device)
+    return (lambda: decode_attention(q, k, v, layout, state, k_top, s, shared=shared),
+            lambda: select_regions(region_scores(q, state.descriptors), avail, k_top, HKV, shared=shared))  # fmt: skip
 
 
 def prefill_rows(cases, ks, device, dtype, repeats):
@@ -236,7 +261,7 @@ def main(argv=None) -> int:
         prefill_frames = [int(x) for x in args.prefill_frames.split(",") if x]
 
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()}", flush=True)
-    decode = decode_rows(decode_frames, ks, device, dtype, repeats)
+    decode = decode_rows(decode_frames, ks, device, dtype, repeats, (1, 8) if device == "cuda" else (1,))
     one_image = GazeLayout.build([[Unit(16, GRID)]], 16 + 576 + M + 496, M, REGION)  # 512 text tokens
     cases = [("one image + 512 text", one_image)]
     cases += [(f"{f} frames + 256 text", video_layout(f, 0, TEXT)) for f in prefill_frames]
@@ -257,9 +282,9 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print()
-    print(table(decode, ["visual_tokens", "k", "gqa", "attended_fraction", "dense_ms", "dense_matmul_ms",
-                         "gaze_ms", "ratio", "target_ratio", "ratio_vs_matmul", "union_fraction", "target_vs_matmul",
-                         "routing_share"]))
+    print(table(decode, ["batch", "visual_tokens", "k", "gqa", "path", "attended_fraction", "dense_ms",
+                         "dense_matmul_ms", "gaze_ms", "ratio", "union_fraction", "target_vs_union", "ratio_vs_matmul",
+                         "target_vs_matmul", "routing_share"]))
     print()
     print(table(prefill, ["case", "visual_tokens", "text_tokens", "k", "dense_ms", "gaze_ms", "ratio"]))
     print(f"\nwrote {args.json}")

@@ -100,13 +100,17 @@ def target_tile(box: list[float], grid: tuple[int, int], region: tuple[int, int,
 
 
 @torch.no_grad()
-def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
+def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe") -> dict:
+    """Generate and score the test split. `k`: the recipe's target k (default), or another k to run the
+    trained model at (an int, or None for every region): e.g. k = 0, where text sees no visual token
+    at all, only the context tokens, says how much of the answer the context tokens carry."""
     from gazelit.schema import DataConfig, SourceConfig
     from gazelit.datamodules.datamodule import GazeDataModule
     from gazelit.models.gaze_vlm import GazeVLM
 
     model = GazeVLM.from_pretrained(model_dir).eval()
-    model.top_k = model.config.gaze.top_k  # the recipe's target k, wherever the schedule stopped
+    # the recipe's target k, wherever the schedule stopped, unless another is asked for
+    model.top_k = model.config.gaze.top_k if k == "recipe" else k
     test = Path(recipe.demo.out) / "shards" / "test"
     config = DataConfig(test_sources=[SourceConfig(str(test))], batch_size=batch_size, num_workers=0,
                         max_length=recipe.data.max_length, system_prompt=recipe.data.system_prompt)
@@ -164,11 +168,11 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32) -> dict:
         context_tokens=model.num_context,
         hit_rate=round(sum(hits) / len(hits), 4) if hits else None,
         hit_rate_by_layer=[round(sum(v) / len(v), 4) for _, v in sorted(layer_hits.items())] or None,
-        hit_rate_chance=round(min(k, tiles) / tiles, 4) if hits and k is not None else None,
+        hit_rate_chance=round(min(k, tiles) / tiles, 4) if hits and k else None,
         any_head_hit_rate_by_layer=[mean(v) for _, v in sorted(any_head.items())] or None,
         hit_rate_correct_answers=mean(hits_by_outcome[True]),
         hit_rate_wrong_answers=mean(hits_by_outcome[False]),
-        routing_acc=round(float(head_inside.mean()) / routed, 4) if routed else None,
+        routing_acc=round(float(head_inside.mean()) / routed, 4) if routed and k else None,
         # random regions: the object's region holds region tokens / visual tokens of what is selected
         routing_acc_chance=round(model.config.gaze.region[0] * model.config.gaze.region[1] / per_unit, 4)
         if routed else None,
@@ -203,7 +207,7 @@ def table(rows: list[dict]) -> str:
             f" (k={e['k']}, M={e['context_tokens']})" if r["arm"] != "dense" else ""
         )
         split = "-" if e["hit_rate"] is None else f"{e['hit_rate_correct_answers']:.3f} / {e['hit_rate_wrong_answers']:.3f}"
-        seconds = "-" if r["train_seconds"] != r["train_seconds"] else f"{r['train_seconds']:.0f} s"  # NaN: reused
+        seconds = "-" if r["train_seconds"] != r["train_seconds"] else f"{r['train_seconds']:.0f} s"  # NaN: reused / re-evaluated
         lines.append(f"| {r['arm']} | {e['accuracy']:.3f} ± {e['accuracy_stderr']:.3f} | {entries} | {hit} | {split} "
                      f"| {seconds} |")
     return "\n".join(lines)
@@ -217,6 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true", help="evaluate existing runs/fidelity/<arm>/model")
     parser.add_argument("--override", action="append", default=[], help="extra recipe key=value for all arms")
     parser.add_argument("--seed", type=int, default=None, help="recipe seed (run names get a -seedN suffix)")
+    parser.add_argument("--eval-k", default="", help="also evaluate every gaze arm at these k (comma-separated, "
+                        "'all' for every region; 0: context tokens only), e.g. 0,1,all")  # fmt: skip
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # the recipe's relative paths (data/, runs/) are relative to the repository
     arms = [a for a in args.arms.split(",") if a]
@@ -240,6 +246,12 @@ def main(argv=None) -> int:
         rows.append(dict(arm=arm, overrides=common + ARMS[arm], train_seconds=round(seconds, 1),
                          eval=evaluate(model_dir, recipe)))
         print(json.dumps(rows[-1]), flush=True)
+        if arm != "dense":
+            for value in [v for v in args.eval_k.split(",") if v]:
+                k = None if value == "all" else int(value)
+                rows.append(dict(arm=f"{arm} @ k={value}", overrides=common + ARMS[arm],
+                                 train_seconds=float("nan"), eval=evaluate(model_dir, recipe, k=k)))  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
     result = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         machine=f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",

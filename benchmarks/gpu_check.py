@@ -88,9 +88,10 @@ def timed(fn, repeats: int, sync) -> float:
 
 # ---------------------------------------------------------------------------------------------- sections
 def section_tests(cfg, device, dry) -> dict:
-    files = ["tests/attention/test_gpu.py"] if not dry else ["tests/attention/test_fast_paths.py", "-k", "decode"]
-    if not dry:
-        files.append("tests/attention/test_flex_compile.py")
+    # the fused decode kernels: compiled on CUDA; in the dry run a few cases through Triton's interpreter
+    files = (["tests/attention/test_gpu.py", "tests/attention/test_flex_compile.py", "tests/attention/test_triton_decode.py"]
+             if not dry else ["tests/attention/test_fast_paths.py", "tests/attention/test_triton_decode.py",
+                              "-k", "(test_fast_paths and decode) or ties or given"])  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=REPO,
                           capture_output=True, text=True, timeout=400)  # fmt: skip
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
@@ -120,8 +121,12 @@ def section_attention(cfg, device, dry) -> dict:
                 with _flash(device):
                     torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-            def gaze():
-                decode_attention(q, k, v, layout, state, cfg["top_k"], length)
+            decode = decode_attention
+            if device.type == "cuda":  # what generate() runs there
+                from gazelit.attention.triton_decode import fused_decode_attention as decode
+
+            def gaze(decode=decode):
+                decode(q, k, v, layout, state, cfg["top_k"], length)
 
             regions = layout.num_regions
             union = min(1.0, (cfg["top_k"] * hq // hkv) / max(regions, 1))  # per KV head, worst case

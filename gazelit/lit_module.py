@@ -98,8 +98,10 @@ class GazeVLMModule(L.LightningModule):
         from gazelit.training.parallel import apply_parallelism
 
         apply_parallelism(self.model, self.parallel_plan, self.device_mesh)
-        # weights of components built empty (fsdp2 start-up): each rank reads only its shards
-        self.model.load_pretrained_shards(self.trainer.strategy.root_device if self._trainer else "cpu")
+        # weights of components built empty (fsdp2 start-up): each rank reads only its shards, onto the
+        # device the rest of the model is on (the strategy moves the whole model afterwards)
+        built = next((t for t in self.model.parameters() if not t.is_meta), None)
+        self.model.load_pretrained_shards(built.device if built is not None else "cpu")
         if self.init_from:
             from gazelit.training.checkpoints import load_matching_weights
 

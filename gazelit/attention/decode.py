@@ -3,12 +3,12 @@
 Per layer, a `DecodeState` is built once, at the first decode step after the visual units are cached:
   - region descriptors (mean keys) of every cached region, computed once and reused at every step;
   - a compact copy of the non-visual cached keys/values (text and context tokens, a few per unit).
-Each step then
-  1. scores the new queries against the descriptors (B, Hq, n, R), takes the top-k available regions;
-  2. gathers, once per KV head, the K/V rows of the union of the regions its query heads selected (with
-     a shared selection that is exactly k regions); each query head is masked to its own regions;
-  3. attends over [compact non-visual keys | keys generated since the state was built | gathered keys],
-     every product a (G*n x N) matmul per KV head.
+Each step then, in a fixed sequence of large ops (index tables made once per state, no per-step loop):
+  1. scores the new queries against the descriptors (B, Hq, n, R), takes the top-k regions;
+  2. gathers the K/V rows of the selected regions with one index_select each, per query head (per KV head
+     with a shared selection);
+  3. attends over [compact non-visual keys | keys generated since the state was built | gathered keys]
+     with one softmax.
 No score against the full cache is formed. Equal to the reference given the same selection.
 """
 
@@ -19,13 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from gazelit.attention.layout import PAD, VISUAL, GazeLayout
-from gazelit.attention.routing import (
-    region_descriptors,
-    region_scores,
-    routing_dtype,
-    select_regions,
-    selection_table,
-)
+from gazelit.attention.routing import region_descriptors, region_scores, routing_dtype, select_regions
 
 
 @dataclass
@@ -37,6 +31,12 @@ class DecodeState:
     built_at: int  # cache length the state covers; keys at >= built_at are read from the cache
     nonvisual_pos: torch.Tensor | None = None  # (B, Na) cache positions of the compact rows, -1 for padding
     regions_max: int = 0  # regions of the sample with the most (all are available once decoding starts)
+    # index tables of the torch path, made once: -inf for padding slots of the compact rows (None: none),
+    # real regions (B, 1, 1, R), and every region's token positions (B, R, T) (0 where padded) and validity
+    nonvisual_bias: torch.Tensor | None = None
+    region_real: torch.Tensor | None = None  # None: every region is real
+    region_rows: torch.Tensor | None = None
+    region_valid: torch.Tensor | None = None
     _tables: DecodeTables | None = None
 
     def tables(self, layout: GazeLayout) -> DecodeTables:
@@ -79,26 +79,32 @@ def build_state(k: torch.Tensor, v: torch.Tensor, layout: GazeLayout, length: in
         built_at=length,
         nonvisual_pos=order.masked_fill(~valid, -1),
         regions_max=int(layout.region_count.max()) if layout.batch_size else 0,
-    )
+        nonvisual_bias=None if bool(valid.all()) else
+        torch.zeros(valid.shape, dtype=k.dtype, device=k.device).masked_fill(~valid, float("-inf"))[:, None, None],
+        region_real=None if bool((layout.region_ready < GazeLayout.NEVER).all()) else
+        (layout.region_ready < GazeLayout.NEVER)[:, None, None, :],
+        region_rows=layout.region_tokens.clamp(min=0),
+        region_valid=layout.region_tokens >= 0,
+    )  # fmt: skip
 
 
-def gather_rows(cache: torch.Tensor, kv_head: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """cache[b, kv_head[h], pos[b, h, ...]] -> (*pos.shape, D), one memcpy-like row gather.
+def gather_rows(caches: tuple[torch.Tensor, ...], kv_head: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+    """cache[b, kv_head[h], pos[b, h, ...]] -> (*pos.shape, D) for each cache, one memcpy-like row gather.
 
     A KV cache (or a length-slice of one) stores each (batch, head) as contiguous D-wide rows, so the
     cache viewed as a (rows, D) matrix is gathered with index_select, much faster than advanced indexing.
+    The row numbers are computed once for caches laid out alike (keys and values).
     """
-    b, _, _, d = cache.shape
-    sb, sh, ss, sd = cache.stride()
-    if sd != 1 or ss != d or sh % d or sb % d:
-        bi = torch.arange(b, device=cache.device).view(b, *[1] * (pos.dim() - 1))
+    b, h, length, d = caches[0].shape
+    sb, sh, ss, sd = caches[0].stride()
+    if sd != 1 or ss != d or sh % d or sb % d or any(c.stride() != caches[0].stride() for c in caches):
+        bi = torch.arange(b, device=pos.device).view(b, *[1] * (pos.dim() - 1))
         hi = kv_head.view(1, -1, *[1] * (pos.dim() - 2))
-        return cache[bi, hi, pos]
-    base = (torch.arange(b, device=cache.device) * (sb // d)).view(b, *[1] * (pos.dim() - 1))
-    base = base + (kv_head * (sh // d)).view(1, -1, *[1] * (pos.dim() - 2))
-    rows = (base + pos).reshape(-1)
-    flat = cache.as_strided((int(rows.max()) + 1 if rows.numel() else 0, d), (d, 1))
-    return flat.index_select(0, rows).view(*pos.shape, d)
+        return [c[bi, hi, pos] for c in caches]
+    base = (torch.arange(b, device=pos.device) * (sb // d)).view(b, *[1] * (pos.dim() - 1))
+    rows = (base + (kv_head * (sh // d)).view(1, -1, *[1] * (pos.dim() - 2)) + pos).reshape(-1)
+    extent = ((b - 1) * sb + (h - 1) * sh + (length - 1) * ss) // d + 1  # rows the (B, H, S) view spans
+    return [c.as_strided((extent, d), (d, 1)).index_select(0, rows).view(*pos.shape, d) for c in caches]
 
 
 def decode_attention(
@@ -117,62 +123,71 @@ def decode_attention(
 
     k, v: (B, Hkv, S, D) cache with S >= q_offset + n (extra slots of a static cache are ignored).
     Returns (output (B, Hq, n, D), as every path, selected region indices (B, Hq, n, kk), their scores).
-    `routing` (B, Hq, n, kk) overrides the selection (for tests).
+    `routing` (B, Hq, n, kk) overrides the selection (static selection, tests).
+
+    A step is a fixed, short sequence of large ops (no loop over heads, samples or regions): score the
+    descriptors, take the top-k, gather the selected regions' rows with one index_select per K and V from
+    index tables made once per state, and attend over [non-visual rows | rows since the state was built |
+    selected rows] with one softmax. Rows are gathered per selection group: every query head on its own
+    (a region two heads of a KV head chose is gathered twice, the second time from the CPU cache), or every
+    KV head with a shared selection.
     """
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
     end = q_offset + n
-    qpos = torch.arange(q_offset, end, device=q.device)
-
-    avail = (layout.region_ready[:, None, :] <= qpos[None, :, None]).unsqueeze(1)
-    if routing is None and (top_k is None or top_k >= int(avail.sum(-1).max())):
+    if routing is None and (top_k is None or top_k >= state.regions_max):
+        qpos = torch.arange(q_offset, end, device=q.device)
+        avail = (layout.region_ready[:, None, :] <= qpos[None, :, None]).unsqueeze(1)
         return _every_region(q, k, v, layout, state, qpos, scale, avail)
 
-    # 1. route
+    # 1. route (every real region is available: decoding starts after the last unit)
     scores = region_scores(q, state.descriptors)  # (B, Hq, n, R)
     if routing is None:
-        sel, sel_scores = select_regions(scores, avail, top_k, hkv, shared=shared)
+        sel, sel_scores = select_regions(scores, state.region_real, top_k, hkv, shared=shared)
     else:
         sel = routing
         sel_scores = scores.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf"))
 
-    # 2. gather, once per KV head, the token rows of the union of regions its query heads selected
-    r = max(layout.num_regions, 1)
-    chosen = selection_table(sel, r).view(b, hkv, g, n, r)  # which head / query picked which region
-    union = chosen.any(3).any(2)  # (B, Hkv, R)
-    u = int(union.sum(-1).max()) if union.numel() else 0
-    union_idx = union.to(torch.int8).topk(u, dim=-1, sorted=False).indices  # (B, Hkv, U), members first
-    union_ok = union.gather(-1, union_idx)
-    tokens = layout.region_tokens  # (B, R, T), -1 padded
-    t = tokens.shape[-1]
-    pos = tokens[torch.arange(b, device=q.device)[:, None, None], union_idx]  # (B, Hkv, U, T)
-    pos = pos.masked_fill(~union_ok[..., None], -1).reshape(b, hkv, u * t)
-    kv_heads = torch.arange(hkv, device=q.device)
-    k_sel = gather_rows(k, kv_heads, pos.clamp(min=0))  # (B, Hkv, U*T, D)
-    v_sel = gather_rows(v, kv_heads, pos.clamp(min=0))
-    picked = chosen.gather(-1, union_idx[:, :, None, None, :].expand(b, hkv, g, n, u))  # (B, Hkv, G, n, U)
-    sel_ok = picked[..., None].expand(b, hkv, g, n, u, t).reshape(b, hkv, g, n, u * t)
-    sel_ok = sel_ok & (pos >= 0)[:, :, None, None, :]
+    # 2. gather the selected regions' rows, per selection group
+    by_kv = shared and routing is None  # a given routing may differ between the heads of a KV head
+    groups, per = (hkv, g) if by_kv else (hq, 1)
+    pick = (sel[:, ::g] if by_kv else sel).clamp(min=0)  # (B, groups, n, kk)
+    kk = pick.shape[-1]
+    samples = torch.arange(b, device=q.device)[:, None, None, None]
+    rows = state.region_rows[samples, pick]  # (B, groups, n, kk, T)
+    ok = state.region_valid[samples, pick] & (sel[:, ::g] if by_kv else sel)[..., None].ge(0)
+    width = n * kk * rows.shape[-1]
+    kv_head = torch.arange(groups, device=q.device) // (1 if by_kv else g)
+    k_sel, v_sel = gather_rows((k, v), kv_head, rows.view(b, groups, width))  # (B, groups, width, D)
+    if n == 1:
+        ok = ok.view(b, groups, 1, width)
+    else:  # each query row sees only its own selection
+        own = torch.eye(n, dtype=torch.bool, device=q.device)[:, :, None]  # (n, n, 1)
+        ok = (ok.view(b, groups, 1, n, kk * rows.shape[-1]) & own).view(b, groups, 1, n, width)
+        ok = ok.expand(b, groups, per, n, width).reshape(b, groups, per * n, width)
 
-    # 3. attend over: compact non-visual keys | keys since the state was built (causal) | gathered keys
+    # 3. one softmax over: compact non-visual rows | rows since the state was built | selected rows
+    qs = q * scale
+    qg = qs.reshape(b, hkv, g * n, d)
     recent_k, recent_v = k[:, :, state.built_at : end], v[:, :, state.built_at : end]
-    recent_pos = torch.arange(state.built_at, end, device=q.device)
-    qg = q.reshape(b, hkv, g * n, d)
-    parts = [
-        (state.nonvisual_k, state.nonvisual_v, state.nonvisual_valid[:, None, None, None, :]),
-        (recent_k, recent_v, (recent_pos[None, :] <= qpos[:, None])[None, None, None]),
-        (k_sel, v_sel, sel_ok),
-    ]
-    logits = [
-        ((qg @ kk.transpose(-1, -2)) * scale).view(b, hkv, g, n, -1).masked_fill(~ok, float("-inf"))
-        for kk, _, ok in parts
-    ]
-    sizes = [x.shape[-1] for x in logits]
-    probs = torch.cat(logits, -1).to(routing_dtype(q.dtype)).softmax(-1).to(q.dtype).split(sizes, -1)
-    out = sum(p.reshape(b, hkv, g * n, -1) @ vv for p, (_, vv, _) in zip(probs, parts))
-    return out.view(b, hq, n, d), sel, sel_scores
+    nonvisual = qg @ state.nonvisual_k.transpose(-1, -2)
+    if state.nonvisual_bias is not None:
+        nonvisual = nonvisual + state.nonvisual_bias
+    recent = qg @ recent_k.transpose(-1, -2)
+    if n > 1:
+        causal = torch.ones(n, recent.shape[-1], dtype=torch.bool, device=q.device).tril(recent.shape[-1] - n)
+        recent = recent.masked_fill(~causal.repeat(g, 1), float("-inf"))
+    selected = qs.reshape(b, groups, per * n, d) @ k_sel.transpose(-1, -2)
+    selected = selected.masked_fill(~ok, float("-inf"))
+    logits = torch.cat([x.reshape(b, hq, n, -1) for x in (nonvisual, recent, selected)], -1)
+    probs = logits.to(routing_dtype(q.dtype)).softmax(-1).to(q.dtype)
+    p_nonvisual, p_recent, p_selected = probs.split([nonvisual.shape[-1], recent.shape[-1], width], -1)
+    out = p_nonvisual.reshape(b, hkv, g * n, -1) @ state.nonvisual_v
+    out = out + p_recent.reshape(b, hkv, g * n, -1) @ recent_v
+    out = out.view(b, hq, n, d) + (p_selected.reshape(b, groups, per * n, width) @ v_sel).view(b, hq, n, d)
+    return out, sel, sel_scores
 
 
 def _every_region(q, k, v, layout, state, qpos, scale, avail):
@@ -188,9 +203,18 @@ def _every_region(q, k, v, layout, state, qpos, scale, avail):
     if n > 1 or padded:
         kpos = torch.arange(end, device=q.device)
         allowed = (layout.kinds_at(kpos) != PAD)[:, None, None, :] & (kpos[None, :] <= qpos[:, None])[None, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    if q.is_cuda:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k[:, :, :end], v[:, :, :end], attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    else:  # on CPU a grouped matmul is several times faster than SDPA for a few query rows
+        hkv, d = k.shape[1], q.shape[-1]
+        qg = (q * scale).reshape(b, hkv, (hq // hkv) * n, d)
+        logits = (qg @ k[:, :, :end].transpose(-1, -2)).view(b, hq, n, end)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = logits.to(routing_dtype(q.dtype)).softmax(-1).to(q.dtype)
+        out = (probs.reshape(b, hkv, (hq // hkv) * n, end) @ v[:, :, :end]).view(b, hq, n, d)
     r = avail.shape[-1]
     every = torch.arange(r, device=q.device).expand(b, hq, n, r)
     every = torch.where(avail.expand(b, hq, n, r), every, torch.full_like(every, -1))

@@ -67,12 +67,12 @@ def select_regions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k regions per query head among the available ones.
 
-    scores (..., Hq, N, R); available broadcastable to it (bool). Returns (indices, scores) of shape
+    scores (..., Hq, N, R); available broadcastable to it (bool; None: every region). Returns (indices, scores) of shape
     (..., Hq, N, kk) with kk = min(k, R); an index is -1 where fewer than k regions are available.
     k=None selects every available region (in index order). Equal scores: the lower region index wins.
     """
     r = scores.shape[-1]
-    masked = scores.masked_fill(~available, float("-inf"))
+    masked = scores if available is None else scores.masked_fill(~available, float("-inf"))
     hq, n = scores.shape[-3:-1]
     if shared:
         lead = scores.shape[:-3]
@@ -83,17 +83,38 @@ def select_regions(
         top_s, top_i = masked, torch.arange(r, device=scores.device).expand_as(masked)
     else:
         kk = max(int(k), 0)
-        # Ties go to the lower region index: a stable descending sort keeps index order among equal
-        # scores on every device, which torch.topk does not promise.
-        top_s, top_i = masked.sort(dim=-1, descending=True, stable=True)
-        top_s, top_i = top_s[..., :kk], top_i[..., :kk]
-    top_i = torch.where(torch.isinf(top_s) & (top_s < 0), torch.full_like(top_i, -1), top_i)
+        top_s, top_i = _top_k_lower_index_first(masked, kk)
+    top_i = top_i.masked_fill(top_s == float("-inf"), -1)
     if shared:
         lead = scores.shape[:-3]
         g = hq // num_kv_heads
         top_i = top_i.unsqueeze(-3).expand(*lead, num_kv_heads, g, n, kk).reshape(*lead, hq, n, kk)
         top_s = top_s.unsqueeze(-3).expand(*lead, num_kv_heads, g, n, kk).reshape(*lead, hq, n, kk)
     return top_i, top_s
+
+
+def _top_k_lower_index_first(scores: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kk largest scores of each row, in descending order, equal scores by ascending index, which
+    torch.topk does not promise. A stable descending sort keeps exactly that order on every device; for
+    a few rows of float32 scores (a decode step) one top-k over distinct integer keys gives the same
+    result several times faster (for many short rows, as in training, the sort is faster)."""
+    if kk == 0:
+        return scores[..., :0], torch.zeros_like(scores[..., :0], dtype=torch.long)
+    if scores.dtype == torch.float32 and scores.numel() <= 1024 * scores.shape[-1]:
+        return _top_k_by_unique_key(scores, kk)
+    values, index = scores.sort(dim=-1, descending=True, stable=True)
+    return values[..., :kk], index[..., :kk]
+
+
+def _top_k_by_unique_key(scores: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 scores: one top-k over int64 keys (the score's bits, made order-preserving, above the
+    reversed region index), which are all distinct, so the order is (score desc, index asc) exactly."""
+    r = scores.shape[-1]
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes +0.0, equal scores tie
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: larger magnitude, smaller key
+    index = torch.arange(r - 1, -1, -1, device=scores.device)
+    top = ((bits << 32) | index).topk(kk, dim=-1).indices
+    return scores.gather(-1, top), top
 
 
 def selection_table(indices: torch.Tensor, num_regions: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import triton.language as tl
 from gazelit.attention.decode import DecodeState, decode_attention
 from gazelit.attention.layout import GazeLayout
 
-__all__ = ["FUSED_DTYPES", "fused_decode_attention"]
+__all__ = ["FUSED_DTYPES", "fused_decode_attention", "fused_route"]
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -233,17 +233,8 @@ def fused_decode_attention(
         q3 = q3.contiguous()
     k, v = _rows(k), _rows(v)
     dev = q.device
-    scores = torch.empty(b, hq, r, device=dev, dtype=torch.float32)
-    sel = (routing[:, :, 0].to(torch.int32).contiguous() if routing is not None
-           else torch.empty(b, hq, kk, device=dev, dtype=torch.int32))  # fmt: skip
-    sel_scores = torch.empty(b, hq, kk, device=dev, dtype=torch.float32)
-    desc = state.descriptors
+    sel, sel_scores = fused_route(q3, state, tables, q_offset, kk, g, shared, routing)
     g_pad, d_pad = _pow2(g), _pow2(d)
-    _route_kernel[(b * hkv,)](
-        q3, desc, tables.ready, scores, sel, sel_scores, q_offset, r, kk, hkv,
-        q3.stride(0), q3.stride(1), desc.stride(0), desc.stride(1), desc.stride(2), tables.ready.stride(0),
-        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_R=min(_pow2(r), 64), SHARED=shared, GIVEN=routing is not None,
-    )  # fmt: skip
 
     end = q_offset + 1
     na = tables.nonvisual_pos.shape[1]
@@ -267,6 +258,28 @@ def fused_decode_attention(
         G=g, D=d, D_PAD=_pow2(d, 1), S_PAD=_pow2(splits, 1),
     )  # fmt: skip
     return out, sel.long()[:, :, None], sel_scores[:, :, None]
+
+
+def fused_route(q3, state: DecodeState, tables, q_offset: int, kk: int, g: int, shared: bool,
+                routing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing launch alone: (B, Hq, kk) int32 region indices and their float32 scores for queries
+    q3 (B, Hq, D) (the given `routing` (B, Hq, 1, kk) instead, with its scores)."""
+    b, hq, d = q3.shape
+    hkv = hq // g
+    r = state.descriptors.shape[2]
+    dev = q3.device
+    scores = torch.empty(b, hq, r, device=dev, dtype=torch.float32)
+    sel = (routing[:, :, 0].to(torch.int32).contiguous() if routing is not None
+           else torch.empty(b, hq, kk, device=dev, dtype=torch.int32))  # fmt: skip
+    sel_scores = torch.empty(b, hq, kk, device=dev, dtype=torch.float32)
+    desc = state.descriptors
+    _route_kernel[(b * hkv,)](
+        q3, desc, tables.ready, scores, sel, sel_scores, q_offset, r, kk, hkv,
+        q3.stride(0), q3.stride(1), desc.stride(0), desc.stride(1), desc.stride(2), tables.ready.stride(0),
+        G=g, G_PAD=_pow2(g), D=d, D_PAD=_pow2(d), BLOCK_R=min(_pow2(r), 64), SHARED=shared,
+        GIVEN=routing is not None,
+    )  # fmt: skip
+    return sel, sel_scores
 
 
 def _rows(cache: torch.Tensor) -> torch.Tensor:

@@ -234,3 +234,18 @@ def test_segmented_backward_never_writes_into_the_incoming_gradient(heads, top_k
     assert torch.equal(g2, kept2)
     for a, b in zip(g_ref, g_nat):
         assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("rows", [4, 3000])  # a decode step's few rows (integer keys) and training's many (sort)
+def test_top_k_keeps_the_stable_sort_order_on_every_method(rows):
+    from gazelit.attention.routing import _top_k_lower_index_first
+
+    g = torch.Generator().manual_seed(rows)
+    for r, kk in [(16, 4), (37, 8), (512, 8), (5, 5)]:
+        x = torch.randint(-3, 3, (rows, r), generator=g).float()  # many exact ties
+        x[x == -3] = float("-inf")
+        x[:, 0] = -0.0  # equal to +0.0: a tie, not a smaller score
+        x[:, -1] = 0.0
+        values, index = _top_k_lower_index_first(x, kk)
+        want_values, want_index = x.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(index, want_index[:, :kk]) and torch.equal(values, want_values[:, :kk])
