@@ -16,7 +16,6 @@ import cProfile
 import json
 import pstats
 import random
-import resource
 import subprocess
 import sys
 import tempfile

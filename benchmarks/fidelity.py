@@ -21,6 +21,10 @@ then generates answers (greedy) for the held-back test split and reports, per ar
                     also per layer, per layer for "any head", and split by right / wrong answers
     routing_acc     the share of the selected visual tokens inside the object's region (first answer
                     token), with hit_rate_mean, hit_rate_best_head (the best layer x head) and the chances
+`--eval-k 0,all` also runs every trained gaze arm at other k (k = 0: the text sees the context tokens and
+no visual token); `--eval-selection static` also runs it with the first answer token's regions kept for
+the whole answer. On two-object questions (demo task shapes_of_two) `second_object_hit_rate` is the hit
+rate at the token that names the second object.
 Writes JSON and prints a markdown table.
 """
 
@@ -31,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -100,10 +105,11 @@ def target_tile(box: list[float], grid: tuple[int, int], region: tuple[int, int,
 
 
 @torch.no_grad()
-def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe") -> dict:
+def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe", selection: str | None = None) -> dict:
     """Generate and score the test split. `k`: the recipe's target k (default), or another k to run the
     trained model at (an int, or None for every region): e.g. k = 0, where text sees no visual token
-    at all, only the context tokens, says how much of the answer the context tokens carry."""
+    at all, only the context tokens, says how much of the answer the context tokens carry. `selection`:
+    run the model with dynamic or static selection (the model's own by default)."""
     from gazelit.schema import DataConfig, SourceConfig
     from gazelit.datamodules.datamodule import GazeDataModule
     from gazelit.models.gaze_vlm import GazeVLM
@@ -111,6 +117,8 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     model = GazeVLM.from_pretrained(model_dir).eval()
     # the recipe's target k, wherever the schedule stopped, unless another is asked for
     model.top_k = model.config.gaze.top_k if k == "recipe" else k
+    if selection is not None:
+        model.config.gaze.selection = selection
     test = Path(recipe.demo.out) / "shards" / "test"
     config = DataConfig(test_sources=[SourceConfig(str(test))], batch_size=batch_size, num_workers=0,
                         max_length=recipe.data.max_length, system_prompt=recipe.data.system_prompt)
@@ -118,6 +126,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     correct: dict[str, list[bool]] = defaultdict(list)
     hits, attended, layer_hits = [], [], defaultdict(list)
     head_hits, head_inside, routed = None, None, 0
+    second_hits: list[float] = []
     hits_by_outcome: dict[bool, list[float]] = {True: [], False: []}
     any_head: dict[int, list[float]] = defaultdict(list)
     per_unit = model.visual_grid[0] * model.visual_grid[1]
@@ -131,6 +140,12 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
                 continue
             trace = out.trace
             tile = target_tile(meta["target_box"], trace.unit_grids[0], trace.region_shape)
+            boxes = meta.get("target_boxes") or []
+            step = second_object_step(trace.tokens)
+            if len(boxes) == 2 and step is not None and step < trace.tile.shape[0]:
+                # the token that names the second object: does the gaze move there?
+                second = target_tile(boxes[1], trace.unit_grids[0], trace.region_shape)
+                second_hits.append((trace.tile[step] == second).any(-1).float().mean().item())
             chosen = trace.tile[0]  # first answer token: (layers, heads, k)
             hit = (chosen == tile).any(-1).float()  # (layers, heads)
             hits.append(hit.mean().item())
@@ -178,7 +193,21 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
         if routed else None,
         hit_rate_mean=round(float(head_hits.mean()) / routed, 4) if routed else None,
         hit_rate_best_head=round(float(head_hits.max()) / routed, 4) if routed else None,
+        selection=model.config.gaze.selection,
+        # two-object answers: at the token naming the second object, heads whose regions hold it
+        second_object_hit_rate=mean(second_hits),
+        second_object_answers=len(second_hits),
     )
+
+
+def second_object_step(tokens: list[str]) -> int | None:
+    """Index of the generated token that starts the second object's name in "<shape> and <shape>"."""
+    text = ""
+    for index, token in enumerate(tokens):
+        if re.search(r"\band$", text.strip()):
+            return index
+        text += token
+    return None
 
 
 def _tiles(trace) -> int:
@@ -197,8 +226,8 @@ def _tile_size(tile: int, grid: tuple[int, int], region: tuple[int, int]) -> int
 
 def table(rows: list[dict]) -> str:
     head = ("| arm | accuracy (± s.e.) | attended visual entries / query | routing hit rate (chance) "
-            "| hit rate: right / wrong answers | train time |")
-    lines = [head, "|---|---|---|---|---|---|"]
+            "| hit rate: right / wrong answers | second object hit rate | train time |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["eval"]
         chance = "" if e["hit_rate_chance"] is None else f" ({e['hit_rate_chance']:.3f})"
@@ -208,8 +237,9 @@ def table(rows: list[dict]) -> str:
         )
         split = "-" if e["hit_rate"] is None else f"{e['hit_rate_correct_answers']:.3f} / {e['hit_rate_wrong_answers']:.3f}"
         seconds = "-" if r["train_seconds"] != r["train_seconds"] else f"{r['train_seconds']:.0f} s"  # NaN: reused / re-evaluated
+        second = "-" if e.get("second_object_hit_rate") is None else f"{e['second_object_hit_rate']:.3f}"
         lines.append(f"| {r['arm']} | {e['accuracy']:.3f} ± {e['accuracy_stderr']:.3f} | {entries} | {hit} | {split} "
-                     f"| {seconds} |")
+                     f"| {second} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -221,6 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true", help="evaluate existing runs/fidelity/<arm>/model")
     parser.add_argument("--override", action="append", default=[], help="extra recipe key=value for all arms")
     parser.add_argument("--seed", type=int, default=None, help="recipe seed (run names get a -seedN suffix)")
+    parser.add_argument("--eval-selection", default="", help="also evaluate every gaze arm with this selection "
+                        "(static: the first answer token's regions kept for the whole answer)")  # fmt: skip
     parser.add_argument("--eval-k", default="", help="also evaluate every gaze arm at these k (comma-separated, "
                         "'all' for every region; 0: context tokens only), e.g. 0,1,all")  # fmt: skip
     args = parser.parse_args(argv)
@@ -246,6 +278,10 @@ def main(argv=None) -> int:
         rows.append(dict(arm=arm, overrides=common + ARMS[arm], train_seconds=round(seconds, 1),
                          eval=evaluate(model_dir, recipe)))
         print(json.dumps(rows[-1]), flush=True)
+        if arm != "dense" and args.eval_selection:
+            rows.append(dict(arm=f"{arm} @ {args.eval_selection}", overrides=common + ARMS[arm],
+                             train_seconds=float("nan"), eval=evaluate(model_dir, recipe, selection=args.eval_selection)))
+            print(json.dumps(rows[-1]), flush=True)
         if arm != "dense":
             for value in [v for v in args.eval_k.split(",") if v]:
                 k = None if value == "all" else int(value)

@@ -5,6 +5,8 @@ colour at most once per image). Every question is about one object and needs loo
   colour_at  "What colour is the shape in row 2, column 3?"  -> "red"
   shape_of   "What shape is the blue object?"                -> "circle"
   locate     "Where is the green triangle?"                  -> "row 1, column 4"
+  shapes_of_two  "What shapes are the red and the blue objects?" -> "circle and square"
+                 (an answer that names two objects in turn: "target_boxes" lists their boxes in answer order)
 Videos: `video_frames` frames at 1 fps, one object per frame (each colour+shape once per video):
   video_when    "In which frame does the red square appear?" -> "frame 3"
   video_colour  "What colour is the shape in frame 2?"       -> "yellow"
@@ -37,7 +39,8 @@ COLOURS = {
 }
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (235, 235, 235)
-IMAGE_TASKS = ("colour_at", "shape_of", "locate")
+IMAGE_TASKS = ("colour_at", "shape_of", "locate", "shapes_of_two")  # every kind the generator writes
+DEFAULT_IMAGE_TASKS = ("colour_at", "shape_of", "locate")  # without `tasks`: one object per question
 VIDEO_TASKS = ("video_when", "video_colour")
 VIDEO_FORMATS = ("mp4", "gif", "frames")
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -93,7 +96,8 @@ def cell_name(obj: DemoObject) -> str:
 
 # ---------------------------------------------------------------------------------------------- tasks
 def image_sample(
-    rng: np.random.Generator, grid: int, max_objects: int, questions: int = 1, tasks: tuple[str, ...] = IMAGE_TASKS
+    rng: np.random.Generator, grid: int, max_objects: int, questions: int = 1,
+    tasks: tuple[str, ...] = DEFAULT_IMAGE_TASKS,
 ) -> tuple[list[DemoObject], list[dict]]:
     """Objects on one board and `questions` questions, each about one of them (distinct while they last)."""
     count = int(rng.integers(2, max_objects + 1))
@@ -104,19 +108,33 @@ def image_sample(
         for cell, colour in zip(cells, colours)
     ]
     order = [int(i) for i in rng.permutation(count)]
-    return objects, [image_question(rng, objects[order[i % count]], tasks) for i in range(questions)]
+    questions_ = []
+    for i in range(questions):
+        target, second = objects[order[i % count]], objects[order[(i + 1) % count]]
+        questions_.append(image_question(rng, target, tasks, second))
+    return objects, questions_
 
 
-def image_question(rng: np.random.Generator, target: DemoObject, tasks: tuple[str, ...] = IMAGE_TASKS) -> dict:
+def image_question(
+    rng: np.random.Generator, target: DemoObject, tasks: tuple[str, ...] = DEFAULT_IMAGE_TASKS,
+    second: DemoObject | None = None,
+) -> dict:  # fmt: skip
+    """A question about `target` (and, for shapes_of_two, then about `second`, another object)."""
     task = tasks[int(rng.integers(len(tasks)))]
     where = cell_name(target)
+    targets = [target]
     if task == "colour_at":
         question, answer = f"What colour is the shape in {where}?", target.colour
     elif task == "shape_of":
         question, answer = f"What shape is the {target.colour} object?", target.shape
+    elif task == "shapes_of_two":
+        if second is None or second == target:
+            raise ValueError("shapes_of_two needs a second object on the board")
+        question = f"What shapes are the {target.colour} and the {second.colour} objects?"
+        answer, targets = f"{target.shape} and {second.shape}", [target, second]
     else:
         question, answer = f"Where is the {target.colour} {target.shape}?", where
-    return {"task": task, "question": question, "answer": answer, "target": target}
+    return {"task": task, "question": question, "answer": answer, "target": target, "targets": targets}
 
 
 def video_sample(rng: np.random.Generator, grid: int, frames: int) -> tuple[list[DemoObject], dict]:
@@ -207,7 +225,7 @@ def write_split(
     video_frames: int = 6,
     video_format: str = "mp4",
     questions: int = 1,
-    tasks: tuple[str, ...] = IMAGE_TASKS,
+    tasks: tuple[str, ...] = DEFAULT_IMAGE_TASKS,
 ) -> list[str]:
     """Write `count` records of one split (JSONL + media); returns the split's prompts and answers.
 
@@ -237,6 +255,8 @@ def write_split(
                 task=qa["task"],
                 answer=qa["answer"],
                 target_box=object_box(qa["target"], grid),
+                # every object the answer names, in answer order (one for all tasks but shapes_of_two)
+                target_boxes=[object_box(t, grid) for t in qa.get("targets", [qa["target"]])],
                 conversations=[
                     message
                     for i, turn in enumerate(turns)
@@ -267,7 +287,7 @@ def generate_demo_data(
     workers: int = 1,
     progress: bool = False,
     train_questions: int = 1,
-    tasks: tuple[str, ...] | list[str] = IMAGE_TASKS,
+    tasks: tuple[str, ...] | list[str] = DEFAULT_IMAGE_TASKS,
 ) -> DemoData:
     """Write raw splits under `out/raw`, shards under `out/shards/<split>` and `out/corpus.txt`.
 
@@ -316,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--train-questions", type=int, default=1, help="question turns per training image")
-    parser.add_argument("--tasks", default=",".join(IMAGE_TASKS), help="image question kinds, comma-separated")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_IMAGE_TASKS),
+                        help=f"image question kinds, comma-separated, of {','.join(IMAGE_TASKS)}")
     args = parser.parse_args(argv)
     data = generate_demo_data(
         args.out, args.train, args.val, args.test, args.video_fraction, args.image_size, args.grid,

@@ -35,6 +35,13 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _load_queries(q_ptr, b, heads, s_qb, s_qh, gmask, d, dmask):
+    """The (G_PAD, D_PAD) queries of one KV head's query heads, in float32 (padding rows zero)."""
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+    return q.to(tl.float32)
+
+
+@triton.jit
 def _route_kernel(
     q_ptr, desc_ptr, ready_ptr, scores_ptr, sel_ptr, sel_score_ptr,
     qpos, R, KK, HKV,
@@ -50,8 +57,7 @@ def _route_kernel(
     gmask = g < G
     dmask = d < D
     heads = kvh * G + g
-    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    q = q.to(tl.float32)
+    q = _load_queries(q_ptr, b, heads, s_qb, s_qh, gmask, d, dmask)
     row = (b * HKV * G + heads) * R  # scores (B, Hq, R), contiguous
 
     # pass 1: q . descriptor of every available region (-inf elsewhere)
@@ -121,8 +127,7 @@ def _attend_kernel(
     gmask = g < G
     dmask = d < D
     heads = kvh * G + g
-    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    q = q.to(tl.float32)
+    q = _load_queries(q_ptr, b, heads, s_qb, s_qh, gmask, d, dmask)
     picks = tl.load(sel_ptr + (b * HKV * G + heads)[:, None] * KK + j[None, :],
                     mask=gmask[:, None] & (j < KK)[None, :], other=-1)  # (G_PAD, K_PAD) region indices
     order = g[:, None] * KK + j[None, :]  # an entry's place in the item list

@@ -135,7 +135,7 @@ def test_static_selection_keeps_the_first_generated_tokens_regions_exactly(share
     token chose; each step equals the reference attention under that fixed routing. "dynamic" re-selects."""
     from types import SimpleNamespace
 
-    from gazelit.attention import build_state, reference_attention, reference_routing
+    from gazelit.attention import reference_attention, reference_routing
     from gazelit.attention.hf import gaze_attention
 
     from .cases import random_case

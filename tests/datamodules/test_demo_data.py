@@ -75,3 +75,18 @@ def video_frame(path, index: int) -> Image.Image:
     if path.suffix == ".gif":
         return decode_gif_frames(path.read_bytes(), [index])[0]
     return decode_video_frames(path.read_bytes(), [index])[0]
+
+
+def test_two_object_questions_name_both_objects_in_answer_order(tmp_path):
+    data = generate_demo_data(tmp_path / "two", train=40, val=0, test=0, video_fraction=0.0, tasks=["shapes_of_two"],
+                              shard_size=50)  # fmt: skip
+    for record in records(data.jsonl["train"]):
+        question = record["conversations"][0]["value"]
+        first, second = re.match(r"<image>\nWhat shapes are the (\w+) and the (\w+) objects\?", question).groups()
+        shapes = record["answer"].split(" and ")
+        assert first != second and len(shapes) == 2 and set(shapes) <= set(SHAPES)
+        assert record["target_box"] == record["target_boxes"][0] and len(record["target_boxes"]) == 2
+        image = decode_image((data.media_root / record["image"]).read_bytes())
+        for colour, (x0, y0, x1, y1) in zip((first, second), record["target_boxes"]):
+            centre = image.getpixel((int((x0 + x1) / 2 * image.size[0]), int((y0 + y1) / 2 * image.size[1])))
+            assert max(abs(a - b) for a, b in zip(centre, COLOURS[colour])) < 40, record["id"]
