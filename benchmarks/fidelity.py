@@ -11,6 +11,7 @@ regions = 16 regions) for the same steps with the same seed, once per arm, throu
     gaze-12.5    k = 2: 8 + 2 entries (12.5%)
     no-context   gaze-12.5 without context tokens (ablation)
     no-schedule  gaze-12.5 sparse from step 0, no progressive schedule (ablation)
+    local-25     gaze-25 on the patch embedding's features (no vision-tower layer: no token sees the board)
 
 then generates answers (greedy) for the held-back test split and reports, per arm:
     accuracy        exact match of the generated answer
@@ -53,6 +54,8 @@ ARMS = {
     "no-context": ["model.gaze.top_k=2", "model.gaze.num_context=0"],
     "no-schedule": ["model.gaze.top_k=2", "schedule.start_step=0", "schedule.span_steps=0"],
     "static-12.5": ["model.gaze.top_k=2", "model.gaze.selection=static"],  # regions chosen once per answer
+    # diagnosis: visual tokens from the patch embedding only (no vision-tower layer mixes the board)
+    "local-25": ["model.gaze.top_k=4", "model.vision.feature_layer=0"],
 }
 
 

@@ -148,3 +148,13 @@ def test_the_exported_llm_loads_in_transformers_with_the_same_logits(tmp_path):
     again = GazeVLM.from_pretrained(tmp_path / "export")
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_model_on_patch_embedding_features_saves_and_loads(tmp_path):
+    """feature_layer 0 keeps no vision block; the saved tower (0 layers) must load and give the same logits."""
+    model = tiny_vlm(feature_layer=0)
+    model.save_pretrained(tmp_path / "m")
+    loaded = GazeVLM.from_pretrained(tmp_path / "m").eval()
+    assert len(type(loaded.vision)._block_list(loaded.vision.model)) == 0
+    batch = make_batch(model, MIXED, seed=2)
+    assert torch.equal(loaded(batch).logits, model(batch).logits)

@@ -43,6 +43,11 @@ VISION_OPTIONS: dict[str, Any] = {
 }
 
 
+class NoBlocks(nn.Module):
+    """The block class of a tower without transformer blocks: nothing is an instance of it, so there is
+    nothing to shard or checkpoint per block."""
+
+
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Pad `image` to a square, centred, filling the new area with `background` (LLaVA's expand2square)."""
     width, height = image.size
@@ -141,7 +146,8 @@ class VisionEncoder(nn.Module):
         self.feature_layer = feature_layer
 
         blocks = self._block_list(model)
-        self._block_class = type(blocks[0])
+        # a tower saved at feature_layer 0 has no blocks left (only the patch embedding)
+        self._block_class = type(blocks[0]) if len(blocks) else NoBlocks
         keep = _layers_to_keep(feature_layer, len(blocks))
         del blocks[keep:]
         # Keep the config truthful about the weights it now describes.
