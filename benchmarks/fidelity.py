@@ -12,6 +12,7 @@ regions = 16 regions) for the same steps with the same seed, once per arm, throu
     no-context   gaze-12.5 without context tokens (ablation)
     no-schedule  gaze-12.5 sparse from step 0, no progressive schedule (ablation)
     local-25     gaze-25 on the patch embedding's features (no vision-tower layer: no token sees the board)
+    local-12.5   the same at k = 2
 
 then generates answers (greedy) for the held-back test split and reports, per arm:
     accuracy        exact match of the generated answer
@@ -56,6 +57,7 @@ ARMS = {
     "static-12.5": ["model.gaze.top_k=2", "model.gaze.selection=static"],  # regions chosen once per answer
     # diagnosis: visual tokens from the patch embedding only (no vision-tower layer mixes the board)
     "local-25": ["model.gaze.top_k=4", "model.vision.feature_layer=0"],
+    "local-12.5": ["model.gaze.top_k=2", "model.vision.feature_layer=0"],
 }
 
 

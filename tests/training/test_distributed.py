@@ -84,7 +84,32 @@ def runs(tmp_path_factory):
     run_driver(root / "E", overrides("E", **{"trainer.strategy.activation_checkpointing": True,
                                              "trainer.strategy.param_dtype": "bfloat16"}))  # fmt: skip
     run_driver(root / "F", overrides("F", **{"trainer.strategy.name": "ddp"}))
+    # G: the LLM and the vision tower from local save_pretrained directories, so fsdp2 builds them empty and
+    # each rank reads its shards; H: the same directories under DDP (loaded whole): the same training
+    pretrained = write_pretrained_backbones(root / "pretrained", data)
+    run_driver(root / "G", overrides("G", **pretrained))
+    run_driver(root / "H", overrides("H", **{**pretrained, "trainer.strategy.name": "ddp"}))
     return {"root": root, "killed_checkpoints": killed_checkpoints, "b_step3": b_step3}
+
+
+def write_pretrained_backbones(folder: Path, data: Path) -> dict[str, str]:
+    """The demo recipe's LLM (with its tiny tokenizer) and vision tower as transformers directories."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from gazelit.models.vision import vision_family
+    from gazelit.recipe import load_recipe
+    from gazelit.tokenizer import build_tiny_tokenizer
+
+    model = load_recipe(DEMO_RECIPE, [f"demo.out={data}"]).model
+    torch.manual_seed(3)
+    fields = dict(model.llm.config)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields)).save_pretrained(
+        folder / "llm")
+    corpus = (data / "corpus.txt").read_text().splitlines()
+    build_tiny_tokenizer(corpus, vocab_size=model.tokenizer.vocab_size).save_pretrained(folder / "llm")
+    family = vision_family(model.vision.family)
+    AutoModel.from_config(family.config_from_mapping(model.vision.config)).save_pretrained(folder / "vision")
+    return {"model.llm.pretrained": str(folder / "llm"), "model.vision.pretrained": str(folder / "vision")}
 
 
 def test_killed_run_left_only_its_sharded_step_checkpoint(runs):
@@ -160,3 +185,14 @@ def test_fsdp2_with_activation_checkpointing_and_bf16_trains_like_ddp_in_fp32(ru
         assert [s["loss"] for s in e] != [s["loss"] for s in a]  # bf16 really was used
     assert (root / "runs" / "E" / "checkpoints" / f"step={STEPS:06d}.ckpt" / ".metadata").is_file()
     assert (root / "runs" / "F" / "checkpoints" / f"step={STEPS:06d}.ckpt").is_file()  # DDP: one file
+
+
+def test_fsdp2_from_pretrained_directories_reads_shards_and_trains_like_ddp(runs):
+    """Start-up at scale through `gazelit fit`: pretrained parts built on the meta device, each rank reading
+    its shards, give the same steps as DDP loading the same directories whole."""
+    root = runs["root"]
+    for rank in (0, 1):
+        g, h = records(root / "G", rank), records(root / "H", rank)
+        assert [s["ids"] for s in g] == [s["ids"] for s in h]
+        assert [s["loss"] for s in g] == pytest.approx([s["loss"] for s in h], rel=1e-4)
+    assert (root / "runs" / "G" / "checkpoints" / f"step={STEPS:06d}.ckpt" / ".metadata").is_file()
