@@ -84,6 +84,7 @@ def test_missing_base_and_cycles_are_reported(tmp_path):
         ("data.damaged_shards=ignore", "data.damaged_shards"),
         ("data.length_buckets=[256,128]", "data.length_buckets"),
         ("model.gaze.selection=once", "model.gaze.selection"),
+        ("model.gaze.decode=cuda", "model.gaze.decode"),
     ],
 )
 def test_values_that_cannot_train_are_rejected_naming_the_key(tmp_path, override, key, capsys):
