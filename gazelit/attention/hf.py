@@ -17,6 +17,7 @@ marks padding.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -136,23 +137,17 @@ def decode_path(ctx: GazeContext, query: torch.Tensor):
     """The cached-decode function: the fused Triton kernels on CUDA (or when asked for), else torch's."""
     if ctx.decode == "torch" or (ctx.decode == "auto" and not query.is_cuda):
         return decode_attention
+    if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"gaze decode 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), these are on "
+                           f"{query.device}; use model.gaze.decode: auto or torch")  # fmt: skip
     try:
         from gazelit.attention.triton_decode import fused_decode_attention
     except ImportError as e:  # no triton
         if ctx.decode == "triton":
             raise RuntimeError(f"gaze decode 'triton' needs the triton package: {e}") from None
-        _warn_once("triton is not installed: gaze decoding runs the torch path (pip install triton)")
+        warnings.warn("triton is not installed: gaze decoding runs the torch path (pip install triton)", stacklevel=2)
         return decode_attention
     return fused_decode_attention
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def _probe(ctx: GazeContext, layer, query, key, value, q0, scale) -> None:

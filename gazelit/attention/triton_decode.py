@@ -35,10 +35,19 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _load_queries(q_ptr, b, heads, s_qb, s_qh, gmask, d, dmask):
-    """The (G_PAD, D_PAD) queries of one KV head's query heads, in float32 (padding rows zero)."""
+def _kv_head_queries(q_ptr, pid, HKV, s_qb, s_qh, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                     D_PAD: tl.constexpr):  # fmt: skip
+    """For program `pid` = (sample, KV head): its sample, KV head, query-head and dim offsets with their
+    masks, and the (G_PAD, D_PAD) queries of its G query heads in float32 (padding rows zero)."""
+    b = pid // HKV
+    kvh = pid % HKV
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    gmask = g < G
+    dmask = d < D
+    heads = kvh * G + g
     q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    return q.to(tl.float32)
+    return q.to(tl.float32), b, kvh, g, d, gmask, dmask, heads
 
 
 @triton.jit
@@ -49,15 +58,7 @@ def _route_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     SHARED: tl.constexpr, GIVEN: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // HKV
-    kvh = pid % HKV
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    gmask = g < G
-    dmask = d < D
-    heads = kvh * G + g
-    q = _load_queries(q_ptr, b, heads, s_qb, s_qh, gmask, d, dmask)
+    q, b, kvh, g, d, gmask, dmask, heads = _kv_head_queries(q_ptr, tl.program_id(0), HKV, s_qb, s_qh, G, G_PAD, D, D_PAD)
     row = (b * HKV * G + heads) * R  # scores (B, Hq, R), contiguous
 
     # pass 1: q . descriptor of every available region (-inf elsewhere)
@@ -118,16 +119,9 @@ def _attend_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // HKV
-    kvh = pid % HKV
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
+    q, b, kvh, g, d, gmask, dmask, heads = _kv_head_queries(q_ptr, pid, HKV, s_qb, s_qh, G, G_PAD, D, D_PAD)
     t = tl.arange(0, BLOCK_T)
     j = tl.arange(0, K_PAD)
-    gmask = g < G
-    dmask = d < D
-    heads = kvh * G + g
-    q = _load_queries(q_ptr, b, heads, s_qb, s_qh, gmask, d, dmask)
     picks = tl.load(sel_ptr + (b * HKV * G + heads)[:, None] * KK + j[None, :],
                     mask=gmask[:, None] & (j < KK)[None, :], other=-1)  # (G_PAD, K_PAD) region indices
     order = g[:, None] * KK + j[None, :]  # an entry's place in the item list

@@ -13,9 +13,9 @@ attention and no context tokens.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,29 +127,18 @@ class GazeVLM(nn.Module):
         v = config.vision
         attn = BACKEND_NAME if config.gaze.enabled else config.llm.options.get("attn_implementation", "sdpa")
         llm_options = {k: val for k, val in config.llm.options.items() if k != "attn_implementation"}
-        builders = {
-            "vision.model": (v.pretrained, lambda empty: build_vision_encoder(
+        vision, vision_empty = _pretrained_part(
+            lambda empty: build_vision_encoder(
                 v.family, pretrained=v.pretrained, config=v.config, feature_layer=v.feature_layer,
-                trainable=v.trainable, options=v.options, empty=empty)),
-            "llm": (config.llm.pretrained, lambda empty: build_llm(
+                trainable=v.trainable, options=v.options, empty=empty),
+            v.pretrained, empty_pretrained, lambda part: part.model)  # fmt: skip
+        llm, llm_empty = _pretrained_part(
+            lambda empty: build_llm(
                 pretrained=config.llm.pretrained, config=config.llm.config, attn_implementation=attn,
-                dtype=config.llm.dtype, options=llm_options, empty=empty)),
-        }  # fmt: skip
-        parts, pending = {}, {}
-        for name, (pretrained, build) in builders.items():
-            empty = empty_pretrained and pretrained is not None and Path(pretrained).is_dir()
-            # Loading a checkpoint draws no random numbers that count: the projector's and the context
-            # tokens' init is the same whether the pretrained parts were loaded whole or built empty.
-            with _rng_kept(pretrained is not None):
-                part = build(empty)
-                if empty and not covers(part.get_submodule(name.partition(".")[2]), pretrained):
-                    log.warning("%s: the file names of %s differ from the module's (transformers renames them "
-                                "when it loads); loading it whole on every rank", name, pretrained)  # fmt: skip
-                    part, empty = build(False), False
-            parts[name.partition(".")[0]] = part
-            if empty:
-                pending[name] = pretrained
-        vision, llm = parts["vision"], parts["llm"]
+                dtype=config.llm.dtype, options=llm_options, empty=empty),
+            config.llm.pretrained, empty_pretrained, lambda part: part)  # fmt: skip
+        pending = {name: path for name, path, empty in (("vision.model", v.pretrained, vision_empty),
+                                                         ("llm", config.llm.pretrained, llm_empty)) if empty}  # fmt: skip
         hidden = llm.get_input_embeddings().embedding_dim
         projector = build_projector(config.projector.kind, vision.hidden_size, hidden)
         if tokenizer is None:
@@ -475,9 +464,19 @@ def load_exact_weights(model: nn.Module, state: dict[str, torch.Tensor], source:
         raise ValueError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _rng_kept(keep: bool):
-    """The CPU random state as it was before the block (when `keep`)."""
-    return torch.random.fork_rng(devices=[]) if keep else nullcontext()
+def _pretrained_part(build, pretrained: str | None, empty_pretrained: bool, weights) -> tuple[nn.Module, bool]:
+    """(component, built empty?) from `build(empty)`. Empty only for a local directory whose safetensors
+    names cover the module (`weights(part)`, the module the files describe); else loaded whole, with a
+    warning when empty was asked for. Loading a checkpoint keeps the CPU random state as it was, so the
+    projector's and context tokens' init is the same whether the pretrained parts were loaded or left empty."""
+    with torch.random.fork_rng(devices=[]) if pretrained is not None else nullcontext():
+        empty = empty_pretrained and pretrained is not None and Path(pretrained).is_dir()
+        part = build(empty)
+        if empty and not covers(weights(part), pretrained):
+            log.warning("%s cannot be read shard by shard (no safetensors files, or tensor names transformers "
+                        "renames when it loads); loading it whole on every rank", pretrained)  # fmt: skip
+            part, empty = build(False), False
+    return part, empty
 
 
 def tied_parameter_names(model: nn.Module) -> list[str]:

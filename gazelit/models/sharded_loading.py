@@ -19,7 +19,6 @@ parameter's. Without a process group it loads a plain module the same way (one p
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["covers", "has_meta_parameters", "load_safetensors_shards", "materialize", "parameters_on_meta", "safetensors_keys"]
+__all__ = ["covers", "has_meta_parameters", "load_safetensors_shards", "materialize", "parameters_on_meta", "safetensors_shapes"]
 
 
 @contextmanager
@@ -79,30 +78,27 @@ def materialize(module: nn.Module, device: torch.device | str) -> None:
             sub._parameters[n] = first._parameters[first_name]
 
 
-def safetensors_keys(directory: str | Path) -> set[str]:
-    """Tensor names in a Hugging Face directory (`model.safetensors`, or the shards its index names)."""
+def safetensors_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a Hugging Face directory's safetensors files (their headers only)."""
     from safetensors import safe_open
 
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory}: no *.safetensors files (shard-by-shard loading reads safetensors only)")
-    keys: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
 
 
 def covers(module: nn.Module, directory: str | Path, prefix: str = "") -> bool:
-    """Whether the safetensors files hold every parameter of `module` under its own name. Not so where
-    transformers renames tensors when it loads (e.g. DINOv2's `attention.attention.key` -> `k_proj`)."""
+    """Whether the directory's safetensors files hold every parameter of `module` under its own name. Not
+    so for weights in another format, or where transformers renames tensors when it loads (e.g. DINOv2's
+    `attention.attention.key` -> `k_proj`)."""
     try:
-        available = safetensors_keys(directory)
-    except FileNotFoundError:  # weights in another format
+        available = safetensors_shapes(directory)
+    except FileNotFoundError:
         return False
     return all(prefix + name in available for name, _ in module.named_parameters())
 
@@ -113,17 +109,15 @@ def load_safetensors_shards(module: nn.Module, directory: str | Path, prefix: st
     its shard of a DTensor parameter. Returns the number of tensors read; a parameter the files lack, or a
     shape that differs, is a ValueError naming them (nothing is left uninitialised silently)."""
     import torch.distributed.checkpoint as dcp
-    from safetensors import safe_open
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     directory = Path(directory)
-    available = safetensors_keys(directory)
+    shapes = safetensors_shapes(directory)
     params = {prefix + name: p for name, p in module.named_parameters()}
-    missing = sorted(k for k in params if k not in available)
+    missing = sorted(k for k in params if k not in shapes)
     if missing:
         raise ValueError(f"{directory}: the checkpoint does not hold these weights: {missing[:8]}"
                          f"{f' (and {len(missing) - 8} more)' if len(missing) > 8 else ''}")  # fmt: skip
-    shapes = _file_shapes(directory, params, safe_open)
     wrong = [f"{k}: file {shapes[k]}, model {tuple(p.shape)}" for k, p in params.items() if shapes[k] != tuple(p.shape)]
     if wrong:
         raise ValueError(f"{directory}: tensors of another shape: {wrong[:4]}")
@@ -149,16 +143,6 @@ def _groups(params: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
         groups[-1].append(name)
         size += nbytes
     return groups
-
-
-def _file_shapes(directory: Path, params: dict, safe_open) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():
-                if key in params:
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
 
 
 def _distributed() -> bool:

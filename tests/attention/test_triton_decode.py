@@ -149,3 +149,14 @@ def test_generate_through_the_fused_kernels_gives_the_reference_greedy_tokens(to
         with torch.no_grad(), use_gaze(GazeContext(ref_layout, top_k=top_k, impl="reference")):
             logits = model(inputs_embeds=embed(tokens[:, :upto]), attention_mask=full_mask).logits[:, -1]
         assert torch.equal(logits.argmax(-1), tokens[:, upto])
+
+
+def test_forcing_the_kernels_onto_cpu_tensors_without_the_interpreter_is_a_clear_error(monkeypatch):
+    from gazelit.attention import GazeContext
+    from gazelit.attention.hf import decode_path
+
+    layout, q, *_ = decode_case(43, (4, 2), False, "left", 2, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
+        decode_path(GazeContext(layout, decode="triton"), q.cpu())
+    assert decode_path(GazeContext(layout, decode="auto"), q.cpu()).__name__ == "decode_attention"
