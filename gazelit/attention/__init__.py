@@ -41,7 +41,11 @@ Every full-sequence path (reference, segmented, flex; `hf.PATHS`) has one signat
 overrides the selection (tests, oracle routing); `stats` collects attended / available visual tokens.
 The cached decode path returns the same (B, Hq, n, D) layout, plus the selection it made.
 
-Modules: layout (token roles and regions), routing (descriptors, scores, top-k), reference (exact mask +
+Look spans (GazeVLM, `look`): text queries between a `<look> box` and its `</look>` add a bias (a
+negative float, or -inf) to visual keys outside the box, and with routing the box's regions are forced
+into their selection; every path takes them as `looks=` (see gazelit.attention.look).
+
+Modules: layout (token roles and regions), look (look spans), routing (descriptors, scores, top-k), reference (exact mask +
 SDPA, the oracle), segmented (CPU fast path, fused flash kernels per segment), flex (GPU fast path,
 FlexAttention), decode (cached decode over gathered K/V), context (what travels with a forward), hf
 (the transformers attention backend "gaze"). No Lightning here.
@@ -53,6 +57,7 @@ from gazelit.attention.flex import flex_gaze_attention
 from gazelit.attention.hf import NAME as BACKEND_NAME
 from gazelit.attention.hf import gaze_attention, register
 from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL, GazeLayout, RegionShape, Unit
+from gazelit.attention.look import Look, LookSet, LookTokens
 from gazelit.attention.reference import gaze_mask, reference_attention, reference_routing
 from gazelit.attention.routing import region_descriptors, region_scores, select_regions
 from gazelit.attention.segmented import plan_pieces, segmented_attention
@@ -68,6 +73,9 @@ __all__ = [
     "DecodeState",
     "GazeContext",
     "GazeLayout",
+    "Look",
+    "LookSet",
+    "LookTokens",
     "RegionShape",
     "RoutingRecord",
     "Unit",

@@ -20,6 +20,7 @@ import torch
 
 from gazelit.attention.decode import DecodeState
 from gazelit.attention.layout import GazeLayout
+from gazelit.attention.look import LookSet
 
 IMPLEMENTATIONS = ("auto", "reference", "segmented", "flex")
 DECODE_PATHS = ("auto", "torch", "triton")
@@ -50,6 +51,8 @@ class GazeContext:
     # cached decode steps: "auto" runs the fused Triton kernels on CUDA and the torch path elsewhere;
     # "triton" forces the kernels (on CPU tensors they need TRITON_INTERPRET=1: tests)
     decode: str = "auto"
+    # look spans (GazeVLM): queries inside a span are biased towards the box it names
+    looks: LookSet | None = None
     record_routing: bool = False
     collect_stats: bool = False
     # called after every gaze attention call with layer, query, key, value, layout, q_offset, scale,

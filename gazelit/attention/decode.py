@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from gazelit.attention.layout import PAD, VISUAL, GazeLayout
+from gazelit.attention.look import LookSet
+from gazelit.attention.reference import with_look_rows
 from gazelit.attention.routing import region_descriptors, region_scores, routing_dtype, select_regions
 
 
@@ -118,12 +120,14 @@ def decode_attention(
     scale: float | None = None,
     shared: bool = False,
     routing: torch.Tensor | None = None,
+    looks: LookSet | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of text queries q (B, Hq, n, D) at positions [q_offset, q_offset + n).
 
     k, v: (B, Hkv, S, D) cache with S >= q_offset + n (extra slots of a static cache are ignored).
     Returns (output (B, Hq, n, D), as every path, selected region indices (B, Hq, n, kk), their scores).
-    `routing` (B, Hq, n, kk) overrides the selection (static selection, tests).
+    `routing` (B, Hq, n, kk) overrides the selection (static selection, tests). Rows under a look span
+    (`looks`) are computed by the reference (`with_look_rows`); the selection returned is the top-k's.
 
     A step is a fixed, short sequence of large ops (no loop over heads, samples or regions): score the
     descriptors, take the top-k, gather the selected regions' rows with one index_select per K and V from
@@ -132,6 +136,14 @@ def decode_attention(
     (a region two heads of a KV head chose is gathered twice, the second time from the CPU cache), or every
     KV head with a shared selection.
     """
+    out, sel, scores = _decode_attention(q, k, v, layout, state, top_k, q_offset, scale, shared, routing)
+    if looks is not None:
+        out = with_look_rows(out, q, k, v, layout, top_k, looks, scale=scale, q_offset=q_offset, shared=shared,
+                             routing=routing)  # fmt: skip
+    return out, sel, scores
+
+
+def _decode_attention(q, k, v, layout, state, top_k, q_offset, scale, shared, routing):
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv

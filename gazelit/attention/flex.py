@@ -20,6 +20,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL, GazeLayout
+from gazelit.attention.look import LookSet
+from gazelit.attention.reference import with_look_rows
 from gazelit.attention.routing import (
     accumulate_visual_stats,
     available_regions,
@@ -216,11 +218,13 @@ def flex_gaze_attention(
     shared: bool = False,
     routing: torch.Tensor | None = None,
     stats: dict | None = None,
+    looks: LookSet | None = None,
     compiled: bool | None = None,
 ) -> torch.Tensor:
     """Exact Gaze Attention through FlexAttention (the paths' common signature); returns (B, Hq, Lq, D).
 
     `compiled` defaults to True on CUDA (block sparsity only takes effect compiled) and False elsewhere.
+    Rows under a look span (`looks`) are recomputed by the reference (`with_look_rows`).
     """
     table, row_of = text_routing(q, k, layout, top_k, q_offset, shared, routing)
     if stats is not None:
@@ -233,4 +237,6 @@ def flex_gaze_attention(
         torch._dynamo.mark_dynamic(table, 3)
     block_mask = build_block_mask(layout, table, row_of, q_offset, q.shape[2], k.shape[2])
     fn = _flex() if use_compiled else flex_attention
-    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return with_look_rows(out, q, k, v, layout, top_k, looks, scale=scale, q_offset=q_offset, shared=shared,
+                          routing=routing)  # fmt: skip

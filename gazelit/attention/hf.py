@@ -104,7 +104,8 @@ def gaze_attention(
             kept = ctx.static_routing[layer]
             fixed = kept.expand(-1, -1, query.shape[2], -1)
         out, sel, scores = decode_path(ctx, query)(
-            query, key, value, layout, state, ctx.top_k, q0, scale=scaling, shared=ctx.shared_gqa, routing=fixed
+            query, key, value, layout, state, ctx.top_k, q0, scale=scaling, shared=ctx.shared_gqa, routing=fixed,
+            looks=ctx.looks,
         )
         if ctx.selection == "static" and layer not in ctx.static_routing:
             ctx.static_routing[layer] = sel[:, :, :1].clone()  # the first generated token's selection
@@ -123,7 +124,7 @@ def gaze_attention(
     options = {"chunk": ctx.chunk} if impl == "segmented" else {}
     out = PATHS[impl](
         query, key, value, layout, ctx.top_k, scale=scaling, q_offset=q0, shared=ctx.shared_gqa,
-        stats=ctx.stats if ctx.collect_stats else None, **options,
+        stats=ctx.stats if ctx.collect_stats else None, looks=ctx.looks, **options,
     ).transpose(1, 2)  # (B, Lq, Hq, D) for transformers (a free view for the segmented path)
     if ctx.record_routing:
         with torch.no_grad():

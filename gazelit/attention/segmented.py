@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from gazelit.attention.layout import TEXT, GazeLayout
+from gazelit.attention.look import LookSet
+from gazelit.attention.reference import with_look_rows
 from gazelit.attention.routing import (
     accumulate_visual_stats,
     region_descriptors,
@@ -332,11 +334,13 @@ def segmented_attention(
     shared: bool = False,
     routing: torch.Tensor | None = None,
     stats: dict | None = None,
+    looks: LookSet | None = None,
     chunk: int = 128,
 ) -> torch.Tensor:
     """Exact Gaze Attention on CPU (the paths' common signature; see gazelit.attention). Returns
     (B, Hq, Lq, D), a view of a (B, Lq, Hq, D) buffer, so transformers' layout costs no copy. Padding rows
-    are zero. `chunk`: query rows per masked piece."""
+    are zero. `chunk`: query rows per masked piece. Rows under a look span (`looks`) are recomputed by the
+    reference (`with_look_rows`)."""
     if q.device.type != "cpu":
         raise RuntimeError("segmented_attention runs on CPU; use the flex path on GPU")
     pieces = plan_pieces(layout, q_offset, q.shape[2], k.shape[2], top_k, chunk)
@@ -350,4 +354,5 @@ def segmented_attention(
                 text = positions[keep]
                 accumulate_visual_stats(stats, layout, p.sample, text, heads=q.shape[1])
     out = _SegmentedAttention.apply(q, k, v, layout, pieces, q_offset, top_k, shared, scale, stats, routing)
-    return out.transpose(1, 2)
+    return with_look_rows(out.transpose(1, 2), q, k, v, layout, top_k, looks, scale=scale, q_offset=q_offset,
+                          shared=shared, routing=routing)  # fmt: skip
