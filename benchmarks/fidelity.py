@@ -13,6 +13,9 @@ regions = 16 regions) for the same steps with the same seed, once per arm, throu
     no-schedule  gaze-12.5 sparse from step 0, no progressive schedule (ablation)
     local-25     gaze-25 on the patch embedding's features (no vision-tower layer: no token sees the board)
     local-12.5   the same at k = 2
+    look-12.5    gaze-12.5 with look spans (GazeVLM, supervised): every answer starts with
+                 <look> box "colour shape" </look> for each object it names (the data's boxes)
+    look-dense   the dense baseline with the same look spans
 
 then generates answers (greedy) for the held-back test split and reports, per arm:
     accuracy        exact match of the generated answer
@@ -26,7 +29,11 @@ then generates answers (greedy) for the held-back test split and reports, per ar
 `--eval-k 0,all` also runs every trained gaze arm at other k (k = 0: the text sees the context tokens and
 no visual token); `--eval-selection static` also runs it with the first answer token's regions kept for
 the whole answer. On two-object questions (demo task shapes_of_two) `second_object_hit_rate` is the hit
-rate at the token that names the second object.
+rate at the token that names the second object. Look arms also report look_well_formed (answers whose
+generated looks are all well formed and closed, at least one), look_iou (each generated look's box
+against the box of the object it should name, in order; a missing look scores 0) and
+routing_acc_in_spans (the share of each look box's area inside that object); their routing metrics are
+taken at the first answer token after the looks.
 Writes JSON and prints a markdown table.
 """
 
@@ -58,6 +65,9 @@ ARMS = {
     # diagnosis: visual tokens from the patch embedding only (no vision-tower layer mixes the board)
     "local-25": ["model.gaze.top_k=4", "model.vision.feature_layer=0"],
     "local-12.5": ["model.gaze.top_k=2", "model.vision.feature_layer=0"],
+    # GazeVLM look spans, supervised with the data's boxes
+    "look-12.5": ["model.gaze.top_k=2", "model.look.enabled=true"],
+    "look-dense": ["model.gaze.enabled=false", "model.look.enabled=true"],
 }
 
 
@@ -117,6 +127,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     run the model with dynamic or static selection (the model's own by default)."""
     from gazelit.schema import DataConfig, SourceConfig
     from gazelit.datamodules.datamodule import GazeDataModule
+    from gazelit.attention.look import box_iou
     from gazelit.models.gaze_vlm import GazeVLM
 
     model = GazeVLM.from_pretrained(model_dir).eval()
@@ -135,11 +146,23 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     hits_by_outcome: dict[bool, list[float]] = {True: [], False: []}
     any_head: dict[int, list[float]] = defaultdict(list)
     per_unit = model.visual_grid[0] * model.visual_grid[1]
+    looks = model.look_tokens is not None
+    look_formed, look_ious, look_inside = [], [], []
     for batch in data.test_dataloader():
-        outputs = model.generate_from_batch(prompts_from(batch, model.tokenizer.pad_token_id), max_new_tokens=6)
+        outputs = model.generate_from_batch(prompts_from(batch, model.tokenizer.pad_token_id),
+                                            max_new_tokens=24 if looks else 6)  # fmt: skip
         for meta, out in zip(batch["meta"], outputs):
             right = out.text.strip() == meta["answer"]
             correct[meta["task"]].append(right)
+            if looks:
+                wanted = meta.get("target_boxes") or [meta["target_box"]]
+                look_formed.append(bool(out.looks) and out.looks_opened == len(out.looks)
+                                   and all(look.end is not None for look in out.looks))  # fmt: skip
+                for i, box in enumerate(wanted):
+                    got = out.looks[i].box if i < len(out.looks) else None
+                    look_ious.append(box_iou(got, box) if got else 0.0)
+                    if got:
+                        look_inside.append(box_iou_inside(got, box))
             if out.trace is None:
                 attended.append(per_unit)
                 continue
@@ -151,7 +174,10 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
                 # the token that names the second object: does the gaze move there?
                 second = target_tile(boxes[1], trace.unit_grids[0], trace.region_shape)
                 second_hits.append((trace.tile[step] == second).any(-1).float().mean().item())
-            chosen = trace.tile[0]  # first answer token: (layers, heads, k)
+            first = max((look.end + 1 for look in out.looks if look.end is not None), default=0)
+            if first >= trace.tile.shape[0]:
+                continue
+            chosen = trace.tile[first]  # first answer token: (layers, heads, k)
             hit = (chosen == tile).any(-1).float()  # (layers, heads)
             hits.append(hit.mean().item())
             rh0, rw0, _ = trace.region_shape
@@ -202,7 +228,18 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
         # two-object answers: at the token naming the second object, heads whose regions hold it
         second_object_hit_rate=mean(second_hits),
         second_object_answers=len(second_hits),
+        look_well_formed=mean(look_formed),
+        look_iou=mean(look_ious),
+        routing_acc_in_spans=mean(look_inside),
     )
+
+
+def box_iou_inside(look: tuple[float, ...], target: list[float]) -> float:
+    """The share of a look box's area inside the target box."""
+    w = max(0.0, min(look[2], target[2]) - max(look[0], target[0]))
+    h = max(0.0, min(look[3], target[3]) - max(look[1], target[1]))
+    area = (look[2] - look[0]) * (look[3] - look[1])
+    return w * h / area if area > 0 else 0.0
 
 
 def second_object_step(tokens: list[str]) -> int | None:

@@ -11,7 +11,10 @@ Steps (all through the generic tokenizer API, no hard-coded token ids):
 3. The text is split at the placeholders and each piece tokenized with character offsets; between pieces
    every visual unit becomes grid_h*grid_w VISUAL positions followed by num_context CONTEXT positions
    (ids = pad id, labels -100). A token is supervised iff its first character lies in an assistant span.
-4. Sequences over `max_length` lose text after their last unit; if the units themselves do not fit the
+4. Look spans (`look_bins`, GazeVLM): an assistant turn with a box (record field `boxes`) starts with
+   `<look>` + four location tokens + the box's text + `</look>` (one span per box, in order), supervised
+   like the rest of the turn.
+5. Sequences over `max_length` lose text after their last unit; if the units themselves do not fit the
    sample is skipped ("over_length"), and one with no supervised token left is skipped ("all_masked").
 """
 
@@ -22,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gazelit.attention.layout import CONTEXT, TEXT, VISUAL
+from gazelit.attention.look import LOOK_CLOSE, LOOK_OPEN, box_to_bins, loc_token
 
-from gazelit.datamodules.records import IMAGE_PLACEHOLDER
+from gazelit.datamodules.records import IMAGE_PLACEHOLDER, LookBox
 from gazelit.datamodules.skips import ALL_MASKED, EMPTY_CONVERSATION, OVER_LENGTH, PLACEHOLDER_MISMATCH, SkipSample
 
 IGNORE_INDEX = -100
@@ -51,6 +55,7 @@ class ChatEncoder:
         max_length: int = 2048,
         system_prompt: str | None = "You are a helpful assistant.",
         placeholder: str = IMAGE_PLACEHOLDER,
+        look_bins: int | None = None,
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("label masking needs a fast tokenizer (character offsets); load it with use_fast=True")
@@ -68,6 +73,9 @@ class ChatEncoder:
         self.max_length = max_length
         self.system_prompt = system_prompt
         self.placeholder = placeholder
+        self.look_bins = look_bins
+        if look_bins and tokenizer.convert_tokens_to_ids(LOOK_OPEN) in (None, tokenizer.unk_token_id):
+            raise ValueError("look spans need the model's tokenizer (with the look tokens): build it with model.look")
         self.special_tokens = sorted(
             {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
             | set(tokenizer.all_special_tokens),
@@ -106,9 +114,25 @@ class ChatEncoder:
         return messages
 
     # ---------------------------------------------------------------------------------------- tokens
-    def encode(self, turns: list[tuple[str, str]], units_per_media: list[int]) -> TokenizedConversation:
+    def look_span(self, look: LookBox) -> str:
+        """The text of a look span: <look>, the box's four location tokens, its text, </look>."""
+        locs = "".join(loc_token(c) for c in box_to_bins(look.box, self.look_bins))
+        return f"{LOOK_OPEN}{locs}{look.text}{LOOK_CLOSE}"
+
+    def encode(
+        self, turns: list[tuple[str, str]], units_per_media: list[int], boxes: list[list[LookBox]] | None = None
+    ) -> TokenizedConversation:
         """Tokens for a conversation whose media expand to `units_per_media[i]` units (1 per image, the
-        number of sampled frames for a video). Raises SkipSample for a sample that cannot be trained on."""
+        number of sampled frames for a video). `boxes` (the looks of each assistant turn) become look spans
+        at the start of their turns when the encoder has `look_bins`. Raises SkipSample for a sample that cannot be
+        trained on."""
+        if boxes is not None and self.look_bins:
+            answers = iter(boxes)
+            with_looks = []
+            for role, text in turns:
+                looks = next(answers) if role == "assistant" else []
+                with_looks.append((role, "".join(self.look_span(look) for look in looks) + text))
+            turns = with_looks
         messages = self.messages(turns, len(units_per_media))
         text = self._render(messages)
         spans = self._assistant_spans(messages, text)

@@ -34,6 +34,7 @@ from gazelit.datamodules.records import (
     InvalidRecord,
     conversation_turns,
     has_assistant_text,
+    look_boxes,
     media_ref,
 )
 
@@ -131,6 +132,7 @@ def prepare_record(
         try:
             turns = conversation_turns(record)
             ref = media_ref(record)
+            look_boxes(record, turns)
         except InvalidRecord as exc:
             raise _Skip(INVALID_RECORD, str(exc)) from None
         if not has_assistant_text(turns):

@@ -39,8 +39,10 @@ class GazeDataModule(L.LightningDataModule):
         num_context: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        look_bins: int | None = None,
     ):
-        """`rank`/`world_size` default to the trainer's (or 0/1 without one); pass them to simulate ranks."""
+        """`rank`/`world_size` default to the trainer's (or 0/1 without one); pass them to simulate ranks.
+        `look_bins` (a model with `look.enabled`): records' `boxes` become look spans before the answers."""
         super().__init__()
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
@@ -50,6 +52,7 @@ class GazeDataModule(L.LightningDataModule):
         self.visual_grid = (int(visual_grid[0]), int(visual_grid[1]))
         self.num_context = int(num_context)
         self._rank = rank
+        self.look_bins = look_bins
         self._world_size = world_size
         self._processor: SampleProcessor | None = None
         self._train_loader: ResumableLoader | None = None
@@ -71,7 +74,8 @@ class GazeDataModule(L.LightningDataModule):
         if self._processor is None:
             cfg = self.config
             encoder = ChatEncoder(
-                self.tokenizer, self.visual_grid, self.num_context, cfg.max_length, cfg.system_prompt
+                self.tokenizer, self.visual_grid, self.num_context, cfg.max_length, cfg.system_prompt,
+                look_bins=self.look_bins,
             )
             self._processor = SampleProcessor(encoder, self.image_transform, cfg.max_frames, cfg.fps, cfg.frames_fps)
         return self._processor

@@ -11,7 +11,8 @@ Videos: `video_frames` frames at 1 fps, one object per frame (each colour+shape 
   video_when    "In which frame does the red square appear?" -> "frame 3"
   video_colour  "What colour is the shape in frame 2?"       -> "yellow"
 Every record carries "task", "answer" and "target_box" ([x0, y0, x1, y1] in 0..1, the queried object's
-box; videos add "target_frame"), so routing hit rate and accuracy can be measured. The splits are
+box; videos add "target_frame"), and "boxes" (per answer, the looks at the objects it names, for
+`model.look`), so routing hit rate and accuracy can be measured. The splits are
 converted with the same converter as real data, so the demo exercises exactly the real code path.
 
     python -m gazelit.datamodules.demo_data --out DIR [--train 2000 --val 200 --test 200 --video-fraction 0.2]
@@ -257,6 +258,12 @@ def write_split(
                 target_box=object_box(qa["target"], grid),
                 # every object the answer names, in answer order (one for all tasks but shapes_of_two)
                 target_boxes=[object_box(t, grid) for t in qa.get("targets", [qa["target"]])],
+                # look spans for models with model.look (GazeVLM): per answer, each named object's box and
+                # what is there; videos have none (a look names the last unit before it, not a chosen frame)
+                boxes=[None] * len(turns) if is_video else [
+                    [{"box": object_box(t, grid), "text": f"{t.colour} {t.shape}"} for t in turn.get("targets", [turn["target"]])]
+                    for turn in turns
+                ],
                 conversations=[
                     message
                     for i, turn in enumerate(turns)

@@ -105,3 +105,47 @@ def conversation_turns(record: dict[str, Any]) -> list[tuple[str, str]]:
 
 def has_assistant_text(turns: list[tuple[str, str]]) -> bool:
     return any(role == "assistant" and text.strip() for role, text in turns)
+
+
+@dataclass(frozen=True)
+class LookBox:
+    """Where an assistant turn looks (record field `boxes`): a box [x0, y0, x1, y1] in 0..1 on the last
+    visual unit before the turn, and optional text to say inside the look span before the answer."""
+
+    box: tuple[float, float, float, float]
+    text: str = ""
+
+
+def look_boxes(record: dict[str, Any], turns: list[tuple[str, str]]) -> list[list[LookBox]] | None:
+    """The record's optional `boxes`, one entry per assistant turn: null (no look), a box, a look
+    {"box": [...], "text": "..."}, or a list of those (looks in turn). None when the record has no `boxes`.
+    Raises InvalidRecord naming the entry that is malformed."""
+    boxes = record.get("boxes")
+    if boxes is None:
+        return None
+    answers = sum(role == "assistant" for role, _ in turns)
+    if not isinstance(boxes, list) or len(boxes) != answers:
+        raise InvalidRecord(f"'boxes' must be a list with one entry per assistant turn ({answers}), got {boxes!r:.80}")
+    out = []
+    for i, entry in enumerate(boxes):
+        if entry is None:
+            out.append([])
+        elif isinstance(entry, list) and entry and all(isinstance(e, (list, dict)) for e in entry):
+            out.append([_look(e, f"boxes[{i}][{j}]") for j, e in enumerate(entry)])
+        else:
+            out.append([_look(entry, f"boxes[{i}]")])
+    return out
+
+
+def _look(entry: Any, where: str) -> LookBox:
+    text = ""
+    if isinstance(entry, dict):
+        text = entry.get("text") or ""
+        entry = entry.get("box")
+        if not isinstance(text, str):
+            raise InvalidRecord(f"{where}.text must be a string")
+    ok = (isinstance(entry, list) and len(entry) == 4
+          and all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in entry))  # fmt: skip
+    if not ok or entry[0] > entry[2] or entry[1] > entry[3]:
+        raise InvalidRecord(f"{where} must be [x0, y0, x1, y1] in 0..1 with x0 <= x1 and y0 <= y1, got {entry!r:.80}")
+    return LookBox(tuple(float(c) for c in entry), text)

@@ -27,6 +27,7 @@ from gazelit.datamodules.records import (
     MediaRef,
     clip_bounds,
     conversation_turns,
+    look_boxes,
     media_ref,
 )
 from gazelit.datamodules.skips import BAD_RECORD, DECODE_ERROR, VIDEO_ERROR, SkipSample
@@ -89,11 +90,12 @@ class SampleProcessor:
         try:
             turns = conversation_turns(record)
             ref = media_ref(record)
+            boxes = look_boxes(record, turns)
         except InvalidRecord as exc:
             raise SkipSample(BAD_RECORD, str(exc)) from None
         plan = self._plan_media(ref, record, raw) if ref is not None else None
         units = [] if plan is None else [1 if plan.kind == "image" else len(plan.frame_indices or [])]
-        tokens = self.encoder.encode(turns, units)
+        tokens = self.encoder.encode(turns, units, boxes)
         pixels = self._decode(plan, raw) if plan is not None else None
         is_video = plan is not None and plan.kind != "image"
         num_units = len(tokens.unit_starts)

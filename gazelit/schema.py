@@ -1,6 +1,6 @@
 """The recipe schema: every dataclass a recipe is validated against, in one module free of torch and Lightning.
 
-    model:      ModelConfig (VisionSpec, ProjectorSpec, LLMSpec, TokenizerSpec, GazeSpec)
+    model:      ModelConfig (VisionSpec, ProjectorSpec, LLMSpec, TokenizerSpec, GazeSpec, LookSpec)
     train:      TrainConfig (OptimConfig)
     data:       DataConfig (SourceConfig)
     trainer:    TrainerConfig (StrategyConfig)
@@ -91,12 +91,22 @@ class GazeSpec:
 
 
 @dataclass
+class LookSpec:
+    """Look spans (GazeVLM): `<look>` + a box in location tokens + ... + `</look>` in the token stream."""
+
+    enabled: bool = False  # the tokenizer gains <look>, </look> and `bins` location tokens
+    bias: float = -5.0  # added to visual logits outside the box inside a span: negative (soft) or -inf (hard)
+    bins: int = 32  # location bins per side of a unit
+
+
+@dataclass
 class ModelConfig:
     vision: VisionSpec = field(default_factory=VisionSpec)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     llm: LLMSpec = field(default_factory=LLMSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     gaze: GazeSpec = field(default_factory=GazeSpec)
+    look: LookSpec = field(default_factory=LookSpec)
     visual_pool: int = 1  # average-pool the projected grid by this factor (token-matched dense baseline)
 
     def validate(self) -> ModelConfig:
@@ -132,6 +142,12 @@ class ModelConfig:
             raise ValueError(f"model.gaze.num_context must be >= 0, got {self.gaze.num_context}")
         if self.visual_pool < 1:
             raise ValueError(f"model.visual_pool must be >= 1, got {self.visual_pool}")
+        if isinstance(self.look.bias, str):  # "-inf" from the command line
+            self.look.bias = float(self.look.bias)
+        if not self.look.bias < 0:
+            raise ValueError(f"model.look.bias must be negative or -inf (a hard mask), got {self.look.bias}")
+        if not 1 <= self.look.bins <= 1000:
+            raise ValueError(f"model.look.bins must be in 1..1000, got {self.look.bins}")
         return self
 
     @property
@@ -158,6 +174,7 @@ class ModelConfig:
             "llm": LLMSpec,
             "tokenizer": TokenizerSpec,
             "gaze": GazeSpec,
+            "look": LookSpec,
         }
         for key, kind in parts.items():
             if key in data:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from gazelit.schema import GazeSpec, LLMSpec, ModelConfig, ProjectorSpec, VisionSpec
+from gazelit.schema import GazeSpec, LLMSpec, LookSpec, ModelConfig, ProjectorSpec, VisionSpec
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.models.tiny import TINY_LLM, TINY_VISION
 from gazelit.tokenizer import build_tiny_tokenizer
@@ -30,7 +30,7 @@ TOKENIZER = build_tiny_tokenizer(CORPUS, vocab_size=400)
 
 def model_config(top_k=2, m=2, region=(2, 2), enabled=True, llm="qwen3", vision="siglip2",
                  projector="mlp2x_gelu", pool=1, image_size=None, vision_trainable=False,
-                 feature_layer=None) -> ModelConfig:
+                 feature_layer=None, look=None) -> ModelConfig:
     vcfg = copy.deepcopy(TINY_VISION[vision])
     if image_size:
         vcfg["image_size"] = image_size
@@ -42,6 +42,7 @@ def model_config(top_k=2, m=2, region=(2, 2), enabled=True, llm="qwen3", vision=
         projector=ProjectorSpec(projector),
         llm=LLMSpec(config=copy.deepcopy(TINY_LLM[llm])),
         gaze=GazeSpec(enabled=enabled, top_k=top_k, region=list(region), num_context=m),
+        look=LookSpec(**look) if look else LookSpec(),
         visual_pool=pool,
     )
 

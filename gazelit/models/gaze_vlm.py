@@ -8,10 +8,16 @@ The layout the attention sees is built from the same unit table, so its grid is 
 
 With `gaze.enabled: false` the model is the dense baseline with an identical architecture: the LLM's own
 attention and no context tokens.
+
+With `look.enabled` (GazeVLM look spans, gazelit.attention.look) the tokenizer gains `<look>`, `</look>` and
+the location tokens (the LLM's embeddings grow to match), spans are parsed from the input ids in training
+and from every generated token while generating, and the attention biases the queries in a span towards
+the box it names (the dense baseline then runs the gaze backend with every region selected).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -32,10 +38,13 @@ from gazelit.attention import (
     VISUAL,
     GazeContext,
     GazeLayout,
+    LookSet,
+    LookTokens,
     RegionShape,
     RoutingRecord,
     use_gaze,
 )
+from gazelit.attention.look import Look, bins_to_box, look_token_strings
 from gazelit.batch import check_batch
 from gazelit.schema import MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, ModelConfig, resolve_top_k
 from gazelit.shapes import pooled_grid
@@ -70,6 +79,8 @@ class RoutingTrace:
     unit_grids: list[tuple[int, int]]
     region_shape: tuple[int, int, int]
     tokens: list[str] = field(default_factory=list)
+    # look spans generated (positions counted from the first generated token), with their boxes normalised
+    looks: list[GeneratedLook] = field(default_factory=list)
 
     def tile_box(self, unit: int, tile: int) -> tuple[float, float, float, float]:
         """Normalised (x0, y0, x1, y1) of a tile on its unit's grid."""
@@ -81,10 +92,24 @@ class RoutingTrace:
 
 
 @dataclass
+class GeneratedLook:
+    """A look span the model generated: its box on its unit (x0, y0, x1, y1 in 0..1), the generated-token
+    steps it covers [start, end) (end None: never closed), and the text inside it."""
+
+    unit: int
+    box: tuple[float, float, float, float]
+    start: int
+    end: int | None
+    text: str = ""
+
+
+@dataclass
 class GenerationOutput:
-    text: str
+    text: str  # the answer: generated text outside look spans, special tokens removed
     token_ids: list[int]
     trace: RoutingTrace | None
+    looks: list[GeneratedLook] = field(default_factory=list)
+    looks_opened: int = 0  # <look> tokens generated, well-formed or not
 
 
 class GazeVLM(nn.Module):
@@ -108,6 +133,7 @@ class GazeVLM(nn.Module):
         self.context_tokens = nn.Parameter(torch.randn(m, hidden) * std)
         self.pending_weights: dict[str, str] = {}  # component -> directory whose weights are still to be read
         self.top_k: int | None = config.gaze.top_k  # resolved by config.validate(); the k schedule lowers it
+        self.look_tokens = LookTokens.from_tokenizer(tokenizer, config.look.bins) if config.look.enabled else None
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but the LLM's embedding table only "
@@ -125,7 +151,8 @@ class GazeVLM(nn.Module):
         else (projector, context tokens, components from a config) is built and initialised as usual."""
         config.validate()
         v = config.vision
-        attn = BACKEND_NAME if config.gaze.enabled else config.llm.options.get("attn_implementation", "sdpa")
+        uses_backend = config.gaze.enabled or config.look.enabled
+        attn = BACKEND_NAME if uses_backend else config.llm.options.get("attn_implementation", "sdpa")
         llm_options = {k: val for k, val in config.llm.options.items() if k != "attn_implementation"}
         vision, vision_empty = _pretrained_part(
             lambda empty: build_vision_encoder(
@@ -143,6 +170,8 @@ class GazeVLM(nn.Module):
         projector = build_projector(config.projector.kind, vision.hidden_size, hidden)
         if tokenizer is None:
             tokenizer = cls._load_tokenizer(config)
+        if config.look.enabled:
+            tokenizer = _with_look_tokens(tokenizer, llm, config.look.bins, empty="llm" in pending)
         model = cls(config, vision, projector, llm, tokenizer)
         model.pending_weights = pending
         return model
@@ -219,9 +248,12 @@ class GazeVLM(nn.Module):
                 f"the batch has {batch['num_context']} context tokens per unit but the model makes {self.num_context}"
             )
         kinds = batch["token_kind"]
+        region = RegionShape(*self.config.gaze.region)
+        if not self.gaze_enabled:  # the dense baseline (under look spans): no frame groups, every token a candidate
+            region = RegionShape(region.h, region.w, 1)
         layout = GazeLayout.from_token_kinds(
             kinds, batch["unit_sample"], batch["unit_start"], batch["unit_grid"], self.num_context,
-            RegionShape(*self.config.gaze.region), batch["unit_video"], batch["unit_time"],
+            region, batch["unit_video"], batch["unit_time"],
         )
         embeds = self.llm.get_input_embeddings()(batch["input_ids"])
         b, length, hidden = embeds.shape
@@ -277,8 +309,16 @@ class GazeVLM(nn.Module):
         defaults to the model's own k."""
         g = self.config.gaze
         k = self.top_k if gaze_k is MODEL_K else gaze_k
+        if not self.gaze_enabled:
+            k = None  # the dense baseline under look spans: every region
         return GazeContext(layout, top_k=k, shared_gqa=g.shared_gqa, impl=g.impl, chunk=g.chunk,
                            selection=g.selection, decode=g.decode, **kwargs)
+
+    def look_set(self, layout: GazeLayout, input_ids: torch.Tensor) -> LookSet | None:
+        """The look spans of a batch's ids (None without `look.enabled`)."""
+        if self.look_tokens is None:
+            return None
+        return LookSet.from_ids(layout, self.look_tokens, self.config.look.bias, input_ids)
 
     def forward(
         self, batch: dict, gaze_k: int | None | object = MODEL_K, collect_stats: bool = False, probe=None,
@@ -294,10 +334,12 @@ class GazeVLM(nn.Module):
                       use_cache=False)
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
-        if not self.gaze_enabled:
+        looks = self.look_set(layout, batch["input_ids"])
+        spans = looks is not None and looks.any_in(0, layout.length)
+        if not self.gaze_enabled and not spans:
             out = self.llm(**kwargs)
             return (out, None) if collect_stats else out
-        ctx = self.context(layout, gaze_k, collect_stats=collect_stats, probe=probe)
+        ctx = self.context(layout, gaze_k, collect_stats=collect_stats, probe=probe, looks=looks)
         with use_gaze(ctx):
             out = self.llm(**kwargs)
         return (out, ctx) if collect_stats else out
@@ -315,44 +357,80 @@ class GazeVLM(nn.Module):
         trace: bool = True,
         cache_implementation: str = "static",
         probe=None,
+        **generate_kwargs,
     ) -> list[GenerationOutput]:
         """Generate for a left-padded prompt batch (no labels needed) with the cached decode path.
 
         Returns per sample the text, the new token ids and (with `trace`) the regions every head of every
-        layer selected for each generated token.
+        layer selected for each generated token. Further keyword arguments go to transformers' `generate`
+        (e.g. `logits_processor`, `prefix_allowed_tokens_fn`).
         """
         embeds, layout = self.embed(batch)
         gen = dict(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
             do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-            cache_implementation=cache_implementation,
+            cache_implementation=cache_implementation, **generate_kwargs,
         )
         if do_sample:
             gen.update(temperature=temperature, top_p=top_p, top_k=0)
-        if not self.gaze_enabled:
+        looks = self.look_set(layout, batch["input_ids"])
+        if not self.gaze_enabled and looks is None:
             ids = self.llm.generate(**gen)
             return [self._output(ids[i], None) for i in range(ids.shape[0])]
-        ctx = self.context(layout, gaze_k, record_routing=trace, probe=probe)
-        with use_gaze(ctx):
-            ids = self.llm.generate(**gen)
+        ctx = self.context(layout, gaze_k, record_routing=trace and self.gaze_enabled, probe=probe, looks=looks)
+        in_prompt = [looks.opened(i) for i in range(layout.batch_size)] if looks is not None else []
+        # every generated token reaches the input embedding before the layers run: the look spans follow it
+        hook = None if looks is None else self.llm.get_input_embeddings().register_forward_pre_hook(
+            lambda _module, args: looks.feed(args[0]))  # fmt: skip
+        try:
+            with use_gaze(ctx):
+                ids = self.llm.generate(**gen)
+        finally:
+            if hook is not None:
+                hook.remove()
         outputs = []
         for i in range(ids.shape[0]):
-            tr = self._trace(ctx.routing, layout, i, ids[i]) if trace else None
-            outputs.append(self._output(ids[i], tr))
+            tr = self._trace(ctx.routing, layout, i, ids[i]) if trace and self.gaze_enabled else None
+            spans = looks.spans(i) if looks is not None else []
+            opened = looks.opened(i) - in_prompt[i] if looks is not None else 0
+            outputs.append(self._output(ids[i], tr, [s for s in spans if s.start >= layout.length], layout, opened))
         return outputs
 
-    def _output(self, ids: torch.Tensor, trace: RoutingTrace | None) -> GenerationOutput:
+    def _output(self, ids: torch.Tensor, trace: RoutingTrace | None, looks: list[Look] = (),
+                layout: GazeLayout | None = None, opened: int = 0) -> GenerationOutput:
         ids = ids.tolist()
         eos = self.tokenizer.eos_token_id
         if eos in ids:
             ids = ids[: ids.index(eos) + 1]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        generated = []
+        for look in looks:
+            start, end = look.start - layout.length, None if look.end is None else look.end - layout.length
+            inner = ids[start + 1 : end] if end is not None else ids[start + 1 :]
+            generated.append(GeneratedLook(unit=look.unit, box=bins_to_box(look.box, self.look_tokens.bins),
+                                           start=start, end=end,
+                                           text=self.tokenizer.decode(inner, skip_special_tokens=True)))  # fmt: skip
+        text = self.tokenizer.decode(self._outside_looks(ids), skip_special_tokens=True)
         if trace is not None:
             steps = min(len(ids), trace.region.shape[0])
             trace.region, trace.score = trace.region[:steps], trace.score[:steps]
             trace.unit, trace.tile = trace.unit[:steps], trace.tile[:steps]
             trace.tokens = [self.tokenizer.decode([t]) for t in ids[:steps]]
-        return GenerationOutput(text=text, token_ids=ids, trace=trace)
+            trace.looks = generated
+        return GenerationOutput(text=text, token_ids=ids, trace=trace, looks=generated, looks_opened=opened)
+
+    def _outside_looks(self, ids: list[int]) -> list[int]:
+        """Token ids outside look spans (`<look>` through `</look>`; an unclosed span runs to the end)."""
+        if self.look_tokens is None:
+            return ids
+        kept, inside = [], False
+        for t in ids:
+            if t == self.look_tokens.open:
+                inside = True
+            elif t == self.look_tokens.close:
+                inside = False
+            elif not inside:
+                kept.append(t)
+        return kept
 
     def _trace(self, records: list[RoutingRecord], layout: GazeLayout, sample: int, ids) -> RoutingTrace:
         layers = self.llm.config.num_hidden_layers
@@ -477,6 +555,24 @@ def _pretrained_part(build, pretrained: str | None, empty_pretrained: bool, weig
                         "renames when it loads); loading it whole on every rank", pretrained)  # fmt: skip
             part, empty = build(False), False
     return part, empty
+
+
+def _with_look_tokens(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel, bins: int, empty: bool):
+    """The tokenizer with the look tokens (a copy where it lacks them: the caller's is left as it is); the
+    LLM's embeddings (and tied head) grown to hold them."""
+    missing = [t for t in look_token_strings(bins) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        if empty:
+            raise ValueError(
+                f"model.look: the LLM's vocabulary ({llm.get_input_embeddings().num_embeddings}) lacks the "
+                f"{len(missing)} look tokens; under a sharded start its embeddings cannot grow. Start once unsharded "
+                "(or resize and save the LLM with the tokens) and use that directory"
+            )
+        llm.resize_token_embeddings(len(tokenizer))
+    return tokenizer
 
 
 def tied_parameter_names(model: nn.Module) -> list[str]:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "corpus.txt"  # generate_demo_data writes it last
 SETTINGS_FILE = "demo_settings.json"  # the generation settings, to refuse data made with other ones
+# bumped when the generator writes different records for the same settings (2: the `boxes` of look spans)
+RECORDS_VERSION = 2
 
 
 def demo_data_ready(out: str | Path) -> bool:
@@ -30,7 +32,7 @@ def demo_data_ready(out: str | Path) -> bool:
 
 def _settings(config: Any) -> dict:
     fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
-    return {k: v for k, v in fields.items() if k != "out"}
+    return {k: v for k, v in fields.items() if k != "out"} | {"records_version": RECORDS_VERSION}
 
 
 def check_settings(out: Path, config: Any) -> None:

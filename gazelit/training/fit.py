@@ -179,8 +179,10 @@ def build_module(recipe: Recipe, resume: Path | None):
 def build_datamodule(recipe: Recipe, model: Any):
     from gazelit.training.data import TrainingDataModule
 
+    look = recipe.model.look
     return TrainingDataModule(
-        recipe.data, model.tokenizer, model.image_transform(), model.visual_grid, model.num_context
+        recipe.data, model.tokenizer, model.image_transform(), model.visual_grid, model.num_context,
+        look_bins=look.bins if look.enabled else None,
     )
 
 

@@ -8,6 +8,8 @@ maps, and returns the output with a `ViewerData`:
                 (spatio-temporal regions span `region_t` frames), plus its tile boxes (normalised x0 y0 x1 y1)
   images        per unit the picture the model saw, padded to a square as its preprocessing does, as PNG
   selection     (T, layers, heads, k) unit / tile / score of every selected region (-1: none)
+  looks         the look spans the model generated (model.look): unit, box (normalised x0 y0 x1 y1), the
+                generated tokens [start, end) whose queries they bias, and the text inside them
   dense         dense attention over the visual tokens per (T, layer, head) as uint8 maps scaled by their own
                 max (`scale`), or averaged over heads ("layer") or over layers and heads ("mean") when the
                 full array would exceed `dense_budget` elements
@@ -44,6 +46,7 @@ class ViewerData:
     selection: dict[str, np.ndarray] = field(repr=False)  # unit, tile: int (T, L, H, k); score: float
     dense: np.ndarray = field(repr=False)  # (T, L', H', V) float32 probabilities
     dense_detail: str = "head"  # head | layer | mean
+    looks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +72,7 @@ class ViewerData:
             "tokens": self.tokens,
             "model": self.model,
             "units": self.units,
+            "looks": self.looks,
             "images": [png_data_uri(img, image_side) for img in self.images],
             "selection": {
                 "shape": list(self.selection["unit"].shape),
@@ -138,15 +142,18 @@ def trace_generation(
     top_p: float = 1.0,
     gaze_k: Any = None,
     dense_budget: int = DENSE_BUDGET,
+    **generate_kwargs: Any,
 ) -> tuple[Any, ViewerData]:
-    """Generate for one prompt with routing traced and dense maps probed; (GenerationOutput, ViewerData)."""
+    """Generate for one prompt with routing traced and dense maps probed; (GenerationOutput, ViewerData).
+    Further keyword arguments go to `GazeVLM.generate_from_batch` (and on to transformers' generate)."""
     encoder = PromptEncoder.from_model(model)
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoder.batch([prompt]).items()}
     probe = GenerationMapProbe(model.llm.config.num_hidden_layers)
     require_gaze(model)
     out = model.generate_from_batch(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                    temperature=temperature, top_p=top_p, **({} if gaze_k is None else {"gaze_k": gaze_k}), trace=True, probe=probe)[0]
+                                    temperature=temperature, top_p=top_p, **({} if gaze_k is None else {"gaze_k": gaze_k}), trace=True, probe=probe,
+                                    **generate_kwargs)[0]
     trace = out.trace
     steps = len(trace.tokens)
     maps = probe.maps()[:steps]
@@ -174,6 +181,8 @@ def trace_generation(
         selection={"unit": trace.unit.numpy(), "tile": trace.tile.numpy(), "score": trace.score.numpy()},
         dense=dense,
         dense_detail=detail,
+        looks=[{"unit": look.unit, "box": [round(c, 4) for c in look.box], "start": look.start,
+                "end": steps if look.end is None else look.end, "text": look.text} for look in out.looks],
     )
 
 

@@ -91,10 +91,22 @@ _JS = r"""
     return r;
   }
 
+  // look spans (model.look): the box a span names, drawn while token t is inside it (queries there are
+  // biased towards it), dashed outside
+  function drawLooks(t) {
+    const svgs = document.querySelectorAll("svg.routing");
+    for (const look of D.looks || []) {
+      const inside = t >= look.start && t < look.end;
+      rect(svgs[look.unit], look.box, {"class": "look" + (inside ? " active" : ""), "fill": "none",
+        "stroke": "#d93025", "stroke-width": inside ? 0.02 : 0.008, "stroke-dasharray": inside ? "" : "0.03 0.02"});
+    }
+  }
+
   function drawRouting(t) {
     const svgs = document.querySelectorAll("svg.routing");
     svgs.forEach((svg) => { while (svg.firstChild) svg.removeChild(svg.firstChild); });
     if (t < 0) return;
+    drawLooks(t);
     const s = selections(t);
     const perHead = state.head === "each" && state.layer !== "mean";
     if (perHead) {
@@ -204,7 +216,9 @@ _JS = r"""
       el.className = "tok"; el.dataset.t = t;
       el.textContent = tok.replace(/\n/g, "\u23ce").replace(/[\x00-\x09\x0b-\x1f\x7f]/g,
         (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"));
-      el.title = "token " + t;
+      const look = (D.looks || []).find((l) => t >= l.start && t < l.end);
+      el.title = "token " + t + (look ? " (inside a look at the red box)" : "");
+      if (look) el.style.borderBottom = "2px solid #d93025";
       el.addEventListener("mouseenter", () => render(t));
       el.addEventListener("mouseleave", () => render(state.pinned));
       el.addEventListener("click", () => pin(t));

@@ -38,3 +38,17 @@ def test_data_made_with_other_settings_is_refused_not_reused(tmp_path):
     changed.train_questions, changed.tasks = 3, ["shape_of"]
     with pytest.raises(RuntimeError, match="other settings .*tasks, train_questions"):
         ensure_demo_data(changed)
+
+
+def test_data_from_an_older_generator_is_refused(tmp_path):
+    """Records gained `boxes` (look spans): data written before then names the difference."""
+    import json
+
+    out = tmp_path / "demo"
+    ensure_demo_data(small(out))
+    settings = out / "demo_settings.json"
+    old = json.loads(settings.read_text())
+    del old["records_version"]
+    settings.write_text(json.dumps(old))
+    with pytest.raises(RuntimeError, match="other settings .*records_version"):
+        ensure_demo_data(small(out))
