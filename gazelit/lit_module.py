@@ -1,7 +1,10 @@
 """GazeVLMModule: the LightningModule that trains a GazeVLM (stages, optimiser, metrics, logs).
 
 Stages (Cambrian recipe): `align` trains the projector and the context tokens; `finetune` also trains the
-LLM. The vision encoder trains only where the recipe sets `model.vision.trainable`. The loss covers the
+LLM. The vision encoder trains only where the recipe sets `model.vision.trainable`. `grpo` trains what
+`finetune` trains, by GRPO with a grounding reward (gazelit.models.grpo): each batch's prompts are sampled
+`train.grpo.group` times, rewarded, and the module steps its optimiser itself (`train.grpo.iterations`
+steps per batch of samples; Lightning's manual optimisation), logging train/reward and its parts. The loss covers the
 supervised (assistant) tokens only: the data marks everything else -100.
 
 Logged: train/loss, gaze/top_k (k, or the batch's largest region count for "all"), gaze/attended_fraction
@@ -28,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from gazelit.models.gaze_vlm import GazeVLM
 from gazelit.optim import build_optimizer, build_scheduler
-from gazelit.schema import STAGES, ModelConfig, OptimConfig, TrainConfig
+from gazelit.schema import STAGES, GRPOConfig, ModelConfig, OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ def _as(kind, value):
     if kind is TrainConfig:
         value = dict(value)
         value["optim"] = OptimConfig(**value.get("optim", {}))
+        value["grpo"] = GRPOConfig(**value.get("grpo", {}))
         return TrainConfig(**value)
     return kind.from_dict(value)
 
@@ -83,6 +87,11 @@ class GazeVLMModule(L.LightningModule):
         self.parallel_plan = None  # gazelit.training.parallel.ParallelPlan; None: plain module
         self._parallelism_applied = False
         self.init_from: str | None = None  # weights loaded in configure_model, after sharding
+        # grpo: the module steps its optimiser itself; the recipe's gradient clipping is applied here
+        self.automatic_optimization = train_config.stage != "grpo"
+        self.gradient_clip_val: float | None = None
+        self.reference_from: str | None = None  # grpo with kl > 0: the frozen reference policy's weights
+        self._reference: list[GazeVLM] = []  # kept out of the module tree (not trained, not checkpointed)
 
     # ------------------------------------------------------------------ set-up
     def on_fit_start(self) -> None:
@@ -106,6 +115,15 @@ class GazeVLMModule(L.LightningModule):
             from gazelit.training.checkpoints import load_matching_weights
 
             load_matching_weights(self.model, self.init_from)
+        if self.train_config.stage == "grpo" and self.train_config.grpo.kl > 0:
+            import copy
+
+            from gazelit.training.checkpoints import load_matching_weights
+
+            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.reference_from:  # else: the policy as fitting starts
+                load_matching_weights(reference, self.reference_from)
+            self._reference = [reference]
         self._parallelism_applied = True
 
     def configure_optimizers(self):
@@ -118,6 +136,8 @@ class GazeVLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if not self.automatic_optimization:
+            return self._grpo_step(batch)
         # The loss of an optimiser step is the mean over the supervised tokens of the whole global batch
         # (every rank, every accumulated micro-batch), not a mean of per-micro-batch means: each micro-batch
         # contributes its token-loss *sum*; `on_before_optimizer_step` divides the gradients by the global
@@ -134,8 +154,55 @@ class GazeVLMModule(L.LightningModule):
         self._tokens, self._samples = int(batch["attention_mask"].sum()), b
         return out.loss * (self.trainer.world_size * self.trainer.accumulate_grad_batches)
 
+    def _grpo_step(self, batch: dict) -> torch.Tensor:
+        """Sample `group` completions per prompt, reward them, and take `iterations` clipped policy steps."""
+        from gazelit.models import grpo
+
+        cfg, model = self.train_config.grpo, self.model
+        tok = model.tokenizer
+        prompts, truths = grpo.prompts_and_truths(batch, tok.pad_token_id, tok.eos_token_id, model.look_tokens)
+        prompts = grpo.repeat_batch(prompts, cfg.group)
+        outputs = model.generate_from_batch(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                            temperature=cfg.temperature, top_p=cfg.top_p, trace=False)  # fmt: skip
+        got = grpo.rewards(outputs, truths, cfg.group, (cfg.reward_format, cfg.reward_iou, cfg.reward_answer), tok,
+                           model.look_tokens is not None)  # fmt: skip
+        advantages = grpo.group_advantages(got.total, cfg.group).to(self.device)
+        scored, mask = grpo.completion_batch(prompts, [o.token_ids for o in outputs], tok.pad_token_id)
+        ref_logp = None
+        if self._reference:
+            reference = self._reference[0].to(self.device)
+            with torch.no_grad():
+                ref_logp = grpo.completion_logprobs(reference(scored).logits, scored, mask)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        old_logp, loss = None, None
+        for _ in range(cfg.iterations):
+            logp = grpo.completion_logprobs(model(scored).logits, scored, mask)
+            if old_logp is None:  # the policy that sampled: equal to this one before its first step
+                old_logp = logp.detach()
+            loss, stats = grpo.grpo_loss(logp, old_logp, advantages, mask, cfg.clip, cfg.kl, ref_logp)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler.step()
+        n = len(outputs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
+        for name, value in (("reward", got.total), ("reward_well_formed", got.well_formed), ("reward_iou", got.iou),
+                            ("reward_answer", got.answer)):  # fmt: skip
+            self.log(f"train/{name}", value.mean().item(), prog_bar=name == "reward", batch_size=n)
+        for name, value in stats.items():
+            self.log(f"train/{name}", value.item(), batch_size=n)
+        self.log("gaze/top_k", float(self._k_value(None)), batch_size=n)
+        self._log_skips(batch.get("skipped"), batch["input_ids"].shape[0])
+        self._tokens, self._samples = int(scored["attention_mask"].sum()), n
+        return loss.detach()
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Divide the accumulated gradients by the supervised tokens of the global batch (before clipping)."""
+        """Divide the accumulated gradients by the supervised tokens of the global batch (before clipping).
+        (GRPO's loss is already a mean: nothing to divide.)"""
+        if not self.automatic_optimization:
+            return
         total = self.trainer.strategy.reduce(self._step_tokens.to(self.device), reduce_op="sum")
         scale = 1.0 / max(float(total), 1.0)
         for group in optimizer.param_groups:
@@ -209,7 +276,7 @@ def apply_stage(model: GazeVLM, stage: str) -> None:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
     model.projector.requires_grad_(True)
     model.context_tokens.requires_grad_(model.context_tokens.numel() > 0)
-    model.llm.requires_grad_(stage == "finetune")
+    model.llm.requires_grad_(stage in ("finetune", "grpo"))
     model.vision.set_trainable(model.config.vision.trainable)
 
 

@@ -100,6 +100,15 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError(f"trainer.strategy.name must be one of {names}, got {recipe.trainer.strategy.name!r}")
     if recipe.checkpoint.keep_last < 1:
         raise RecipeError("checkpoint.keep_last must be >= 1")
+    if recipe.train.stage == "grpo" and recipe.trainer.accumulate_grad_batches != 1:
+        raise RecipeError("train.stage grpo steps its optimiser itself: trainer.accumulate_grad_batches must be 1 "
+                          "(raise data.batch_size or train.grpo.group instead)")  # fmt: skip
+    if recipe.train.stage == "grpo" and recipe.train.grpo.kl > 0:
+        if not recipe.init_from:
+            raise RecipeError("train.grpo.kl > 0 needs init_from: the frozen reference policy is the model it names")
+        if recipe.trainer.strategy.name == "fsdp2":
+            raise RecipeError("train.grpo.kl > 0 keeps a full reference copy per rank, not supported under fsdp2; "
+                              "set train.grpo.kl: 0 or use ddp")  # fmt: skip
     _check_values(recipe)
     return recipe
 

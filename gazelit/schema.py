@@ -269,18 +269,42 @@ class OptimConfig:
         return self
 
 
-STAGES = ("align", "finetune")
+STAGES = ("align", "finetune", "grpo")
+
+
+@dataclass
+class GRPOConfig:
+    """`train.stage: grpo` (gazelit.models.grpo): sampled groups per prompt, rewarded and compared."""
+
+    group: int = 4  # completions sampled per prompt
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    iterations: int = 1  # optimiser steps on one batch of samples (the clip binds from the second on)
+    clip: float = 0.2  # policy ratio clipped to [1 - clip, 1 + clip]
+    kl: float = 0.0  # weight of the KL term to a frozen copy of the starting policy (0: no reference kept)
+    reward_format: float = 0.25  # well-formed, closed look spans (models with model.look)
+    reward_iou: float = 0.5  # IoU of the first look's box with the data's box (models with model.look)
+    reward_answer: float = 1.0  # exact answer
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "finetune"  # align | finetune
+    stage: str = "finetune"  # align | finetune | grpo
     optim: OptimConfig = field(default_factory=OptimConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise ValueError(f"train.stage must be one of {STAGES}, got {self.stage!r}")
         self.optim.validate()
+        g = self.grpo
+        for key, ok, want in (("group", g.group >= 2, ">= 2"), ("max_new_tokens", g.max_new_tokens >= 1, ">= 1"),
+                              ("temperature", g.temperature > 0, "> 0"), ("top_p", 0 < g.top_p <= 1, "in (0, 1]"),
+                              ("iterations", g.iterations >= 1, ">= 1"), ("clip", g.clip > 0, "> 0"),
+                              ("kl", g.kl >= 0, ">= 0")):  # fmt: skip
+            if not ok:
+                raise ValueError(f"train.grpo.{key} must be {want}, got {getattr(g, key)!r}")
         return self
 
 

@@ -160,6 +160,9 @@ def build_module(recipe: Recipe, resume: Path | None):
     # fsdp2: pretrained components start on the meta device; configure_model reads each rank's shards
     model = GazeVLM.build(recipe.model, empty_pretrained=recipe.trainer.strategy.name == "fsdp2")
     module = GazeVLMModule(recipe.model, recipe.train, model=model)
+    if recipe.train.stage == "grpo":  # manual optimisation: the module clips; its KL reference is init_from
+        module.gradient_clip_val = recipe.trainer.gradient_clip_val
+        module.reference_from = recipe.init_from
     if recipe.init_from and resume is None:
         try:
             if model.pending_weights:  # loaded after the pretrained weights, or they would overwrite it
@@ -224,7 +227,7 @@ def build_trainer(recipe: Recipe, paths: RunPaths, strategy: Any, callbacks: lis
         check_val_every_n_epoch=None if val_every else 1,
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=None if recipe.train.stage == "grpo" else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         deterministic=t.deterministic,
         use_distributed_sampler=False,  # the datamodule splits the stream between ranks itself
