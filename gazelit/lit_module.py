@@ -223,7 +223,9 @@ class GazeVLMModule(L.LightningModule):
         from gazelit.models.routing_accuracy import RoutingAccuracy
 
         k = self.model.top_k
-        self._routing = RoutingAccuracy(k, self.model.config.gaze.shared_gqa) if self.model.gaze_enabled and k else None
+        close = self.model.look_tokens.close if self.model.look_tokens is not None else None
+        self._routing = (RoutingAccuracy(k, self.model.config.gaze.shared_gqa, look_close=close)
+                         if self.model.gaze_enabled and k else None)  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
         """Routing accuracy and hit rates at the first answer token, against the data's object boxes

@@ -172,16 +172,21 @@ class LookSet:
 
     def feed(self, input_ids: torch.Tensor, position: int | None = None) -> None:
         """Give the tokens (B, n) at positions [position, position + n) (default: where the last feed ended)."""
-        ids = input_ids.tolist()
-        for b, row in enumerate(ids):
+        has_open = (input_ids == self.tokens.open).any(-1).tolist()
+        for b in range(input_ids.shape[0]):
             start = self._next[b] if position is None else position
+            parser = self._parsers[b]
+            if not has_open[b] and parser.opened_at is None and parser.open_span is None:
+                self._next[b] = start + input_ids.shape[1]  # nothing to parse: no span opens or is open
+                continue
+            row = input_ids[b].tolist()
             units = self.layout.samples[b]
             lo, hi = units.valid
             for j, token in enumerate(row):
                 p = start + j
                 if p < lo or (p >= hi and hi < self.layout.length):
                     continue  # padding
-                self._parsers[b].feed(token, p, lambda at, s=units: _unit_before(s, at))
+                parser.feed(token, p, lambda at, s=units: _unit_before(s, at))
             self._next[b] = start + len(row)
         self._tables.clear()
 

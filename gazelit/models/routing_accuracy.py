@@ -11,7 +11,9 @@ candidate regions, exactly as the attention does):
 
 Chance levels, for the same k and candidates: object tokens / candidate visual tokens (accuracy) and
 1 - C(R - R_obj, k) / C(R, k) (hit rate; R candidate regions, R_obj of them touching the object).
-A token is inside the box when its cell's centre is.
+A token is inside the box when its cell's centre is. For a model with look spans (`look_close`, the id of
+`</look>`) the first answer token is the one after the answer's look spans: the query at their last
+`</look>`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from gazelit.attention.routing import region_descriptors, region_scores, select_
 class RoutingAccuracy:
     """A probe for GazeVLM.forward (`probe=`) plus the running sums per (layer, head)."""
 
-    def __init__(self, top_k: int, shared: bool = False):
-        self.top_k, self.shared = top_k, shared
+    def __init__(self, top_k: int, shared: bool = False, look_close: int | None = None):
+        self.top_k, self.shared, self.look_close = top_k, shared, look_close
         self.inside: dict[int, torch.Tensor] = {}  # layer -> (heads,) routing accuracy summed over samples
         self.hits: dict[int, torch.Tensor] = {}
         self.samples = 0
@@ -49,6 +51,12 @@ class RoutingAccuracy:
             if box is None or not supervised.numel() or not units:
                 continue
             row = int(supervised[0]) - 1  # this query's output predicts the first answer token
+            if self.look_close is not None:  # after the answer's look spans: the query at their last </look>
+                gaps = (torch.diff(supervised) != 1).nonzero().flatten()
+                first_turn = supervised[: int(gaps[0]) + 1] if gaps.numel() else supervised
+                closes = first_turn[batch["input_ids"][b, first_turn] == self.look_close]
+                if closes.numel():
+                    row = int(closes[-1])
             ready = layout.region_ready[b] <= row
             if int(layout.kind[b, row]) != TEXT or not bool(ready.any()):
                 continue  # no routed text query there (the answer follows a unit directly), or no candidate

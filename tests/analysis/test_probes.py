@@ -89,3 +89,24 @@ def test_with_k_1_every_head_hits_exactly_one_of_the_four_quadrants():
             model(batch, probe=probe)
         total += probe.metrics()["hit_rate_mean"]
     assert abs(total - 1.0) < 1e-6
+
+
+def test_with_look_spans_routing_is_measured_at_the_query_after_the_looks():
+    """The answer `<look> box text </look> word`: the measured query is the one at `</look>` (it predicts
+    the first word of the answer proper), not the one before `<look>`."""
+    from gazelit.models.routing_accuracy import RoutingAccuracy
+
+    model = tiny_vlm(top_k=1, m=0, region=(2, 2), look={"enabled": True, "bins": 4})
+    batch = make_batch(model, [[("text", 2), ("image",), ("text", 12)]])
+    t = model.look_tokens
+    answer = t.span_ids((0, 0, 1, 1)) + [40, t.close, 41, model.tokenizer.eos_token_id]
+    batch["input_ids"][0, 20 : 20 + len(answer)] = torch.tensor(answer)
+    batch["labels"][0] = -100
+    batch["labels"][0, 20 : 20 + len(answer)] = torch.tensor(answer)
+    batch["meta"] = [{"target_box": [0.0, 0.0, 0.5, 0.5]}]
+    rows = {}
+    for close in (None, t.close):
+        probe = RoutingAccuracy(top_k=1, look_close=close)
+        probe.prepare(batch, model.embed(batch)[1])
+        rows[close] = probe._targets[0][1]
+    assert rows[None] == 19 and rows[t.close] == 20 + 6

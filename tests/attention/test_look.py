@@ -267,3 +267,25 @@ def test_text_rows_outside_spans_are_untouched():
     keep = (~in_span & (layout.kind != 3))[:, None, :, None]
     assert ((with_spans - without).abs() * keep).max() == 0
     assert (layout.kind[in_span] == TEXT).all()
+
+
+@pytest.mark.parametrize("name,path", decode_paths())
+def test_a_given_static_selection_with_looks_adds_the_named_regions_to_it(name, path):
+    """Static selection hands the decode step a fixed routing: rows in a span see it plus the box's
+    regions, exactly as the reference does under the same routing."""
+    layout = GazeLayout.build([[Unit(1, (4, 6))]], 30, 1, RegionShape(2, 2, 1))
+    generated = span((0, 0, 2, 3), text=3, close=False)
+    ids = torch.cat([torch.full((1, 30), WORD), torch.tensor([generated])], 1)
+    q, k, v = qkv(layout, 41, hq=4, hkv=2, extra=len(generated), dtype=torch.float32)
+    fixed = torch.tensor([[[5], [1], [0], [3]]])[:, :, None, :]  # (B, Hq, 1, kk): one region per head
+    looks = LookSet.from_ids(layout, TOKENS, -3.0, ids)
+    state = build_state(k, v, layout, 30)
+    for p in range(30, ids.shape[1]):
+        rows = slice(p, p + 1)
+        want = reference_attention(q[:, :, rows], k[:, :, : p + 1], v[:, :, : p + 1], layout, 1, q_offset=p,
+                                   routing=fixed, looks=looks)  # fmt: skip
+        got, _, _ = path(q[:, :, rows], k[:, :, : p + 1], v[:, :, : p + 1], layout, state, 1, p, routing=fixed,
+                         looks=looks)  # fmt: skip
+        assert (got - want).abs().max() < 1e-5
+    plain = reference_attention(q[:, :, -1:], k, v, layout, 1, q_offset=ids.shape[1] - 1, routing=fixed)
+    assert (want - plain).abs().max() > 1e-4
