@@ -85,6 +85,11 @@ def test_missing_base_and_cycles_are_reported(tmp_path):
         ("data.length_buckets=[256,128]", "data.length_buckets"),
         ("model.gaze.selection=once", "model.gaze.selection"),
         ("model.gaze.decode=cuda", "model.gaze.decode"),
+        ("model.look.bias=2.0", "model.look.bias"),
+        ("model.look.bins=0", "model.look.bins"),
+        ("train.stage=rl", "train.stage"),
+        ("train.grpo.group=1", "train.grpo.group"),
+        ("train.grpo.clip=0", "train.grpo.clip"),
     ],
 )
 def test_values_that_cannot_train_are_rejected_naming_the_key(tmp_path, override, key, capsys):
@@ -154,3 +159,12 @@ def test_overrides_delete_with_tilde_and_replace_with_colon_equals(tmp_path):
     assert nulled.model.llm.config is None and nulled.model.llm.pretrained == "/local/llm"
     with pytest.raises(RecipeError, match="nothing to delete; closest valid key: model.gaze.top_k"):
         load_recipe(base, ["~model.gaze.topk"])
+
+
+def test_grpo_needs_one_batch_per_step_and_a_reference_for_its_kl(tmp_path):
+    base = write(tmp_path, "base.yaml", BASE)
+    with pytest.raises(RecipeError, match="trainer.accumulate_grad_batches must be 1"):
+        load_recipe(base, ["train.stage=grpo", "trainer.accumulate_grad_batches=2"])
+    with pytest.raises(RecipeError, match="train.grpo.kl > 0 needs init_from"):
+        load_recipe(base, ["train.stage=grpo", "train.grpo.kl=0.1"])
+    assert load_recipe(base, ["train.stage=grpo", "model.look.bias=-inf"]).model.look.bias == float("-inf")
