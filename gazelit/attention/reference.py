@@ -133,7 +133,9 @@ def with_look_rows(
     """`out` (B, Hq, Lq, D) of a fast path with the query rows under look spans recomputed exactly.
 
     Look spans cover a few rows (a box and a short local reasoning), so every path computes them with the
-    reference, per sample and span: exact forward and backward, memory O(Hq * span rows * S).
+    reference, per sample and window of nearby spans (spans at most `MERGE_GAP` rows apart share one call;
+    the rows between them are computed and discarded): exact forward and backward, memory
+    O(Hq * window rows * S).
     """
     if looks is None:
         return out
@@ -148,14 +150,32 @@ def with_look_rows(
         one = layout.sample_layout(b)
         one_looks = looks.sample(b, one)
         parts, at = [], 0
-        for a, z, _ in spans:
-            rows = slice(a - q_offset, z - q_offset)
-            parts.append(out[b, :, at : rows.start])
-            given = None if routing is None else routing[b : b + 1, :, rows]
-            exact = reference_attention(q[b : b + 1, :, rows], k[b : b + 1], v[b : b + 1], one, top_k, scale=scale,
-                                        q_offset=a, shared=shared, routing=given, looks=one_looks)  # fmt: skip
-            parts.append(exact[0].to(out.dtype))
-            at = rows.stop
+        for a, z, inside in _windows(spans, q_offset):
+            parts.append(out[b, :, at:a])
+            given = None if routing is None else routing[b : b + 1, :, a:z]
+            exact = reference_attention(q[b : b + 1, :, a:z], k[b : b + 1], v[b : b + 1], one, top_k, scale=scale,
+                                        q_offset=q_offset + a, shared=shared, routing=given, looks=one_looks)  # fmt: skip
+            keep = torch.zeros(z - a, dtype=torch.bool, device=out.device)
+            for i, j in inside:
+                keep[i - a : j - a] = True
+            parts.append(torch.where(keep[None, :, None], exact[0].to(out.dtype), out[b, :, a:z]))
+            at = z
         parts.append(out[b, :, at:])
         samples.append(torch.cat(parts, 1))
     return torch.stack(samples) if changed else out
+
+
+MERGE_GAP = 32  # look spans of a sample this close (in rows) are recomputed by one reference call
+
+
+def _windows(spans, q_offset: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Spans (absolute first, end, look) -> windows (first, end, [span rows]) in rows of the query window."""
+    windows: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for a, z, _ in spans:
+        a, z = a - q_offset, z - q_offset
+        if windows and a - windows[-1][1] <= MERGE_GAP:
+            first, _, inside = windows[-1]
+            windows[-1] = (first, z, inside + [(a, z)])
+        else:
+            windows.append((a, z, [(a, z)]))
+    return windows

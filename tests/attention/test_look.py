@@ -289,3 +289,22 @@ def test_a_given_static_selection_with_looks_adds_the_named_regions_to_it(name, 
         assert (got - want).abs().max() < 1e-5
     plain = reference_attention(q[:, :, -1:], k, v, layout, 1, q_offset=ids.shape[1] - 1, routing=fixed)
     assert (want - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("gap", [0, 1000])
+def test_spans_recomputed_one_by_one_or_in_one_window_give_the_same_rows_and_gradients(gap, monkeypatch):
+    import gazelit.attention.reference as reference_module
+
+    monkeypatch.setattr(reference_module, "MERGE_GAP", gap)
+    layout, ids = layout_with_looks(50, padding="right")
+    looks = LookSet.from_ids(layout, TOKENS, -2.0, ids)
+    assert any(len(looks.spans(b)) == 2 for b in range(layout.batch_size))
+    real = (layout.kind != 3)[:, None, :, None]
+    got = []
+    for path in (reference_attention, segmented_attention):
+        q, k, v = qkv(layout, 50, grad=True)
+        out = path(q, k, v, layout, 1, looks=looks)
+        (out * real).sum().backward()
+        got.append((out.detach() * real, q.grad, k.grad, v.grad))
+    for a, b in zip(*got):
+        assert (a - b).abs().max() < 1e-10
