@@ -16,7 +16,7 @@ regions = 16 regions) for the same steps with the same seed, once per arm, throu
     look-12.5    gaze-12.5 with look spans (GazeVLM, supervised): every answer starts with
                  <look> box "colour shape" </look> for each object it names (the data's boxes)
     look-dense   the dense baseline with the same look spans
-    look-grpo-12.5  look-12.5's exported model (trained first, same seed) trained 100 more steps by
+    look-grpo-12.5  look-12.5's exported model (trained first, same seed) trained 200 more steps by
                  GRPO (train.stage: grpo): 4 samples per prompt, rewards for well-formed looks, box
                  IoU and the exact answer, 2 clipped steps per batch of samples, KL 0.04 to look-12.5
 
@@ -72,11 +72,11 @@ ARMS = {
     "look-12.5": ["model.gaze.top_k=2", "model.look.enabled=true"],
     "look-dense": ["model.gaze.enabled=false", "model.look.enabled=true"],
     "look-grpo-12.5": ["model.gaze.top_k=2", "model.look.enabled=true", "train.stage=grpo",
-                       "init_from=runs/fidelity/look-12.5{suffix}/model", "trainer.max_steps=100",
-                       "trainer.val_check_interval=50", "checkpoint.every_n_steps=50", "data.batch_size=4",
+                       "init_from=runs/fidelity/look-12.5{suffix}/model", "trainer.max_steps=200",
+                       "trainer.val_check_interval=100", "checkpoint.every_n_steps=100", "data.batch_size=4",
                        "schedule.start_step=0", "schedule.span_steps=0", "train.optim.warmup_steps=0",
-                       "train.optim.schedule=constant", "train.optim.lr_projector=1e-5", "train.optim.lr_llm=1e-5",
-                       "train.optim.lr_vision=1e-5", "train.grpo.group=4", "train.grpo.max_new_tokens=16",
+                       "train.optim.schedule=constant", "train.optim.lr_projector=1e-4", "train.optim.lr_llm=1e-4",
+                       "train.optim.lr_vision=1e-4", "train.grpo.group=4", "train.grpo.max_new_tokens=16",
                        "train.grpo.iterations=2", "train.grpo.kl=0.04", "logging.routing_image_every_n_steps=0"],
 }
 

@@ -242,16 +242,6 @@ class GazeLayout:
     def regions_at(self, positions: torch.Tensor) -> torch.Tensor:
         return _take(self.region, positions, -1)
 
-    def sample_layout(self, sample: int) -> GazeLayout:
-        """The layout of one sample alone (batch of one, same length and regions); cached."""
-        key = ("sample_layout", sample)
-        if key not in self._cache:
-            s = self.samples[sample]
-            alone = SampleLayout(units=list(s.units), unit_end=list(s.unit_end), num_context=s.num_context,
-                                 valid=s.valid)  # fmt: skip
-            self._cache[key] = GazeLayout([alone], self.length, self.region_shape, device=self.device)
-        return self._cache[key]
-
     def to(self, device) -> GazeLayout:
         new = object.__new__(GazeLayout)
         new.__dict__.update(self.__dict__)

@@ -190,12 +190,6 @@ class LookSet:
             self._next[b] = start + len(row)
         self._tables.clear()
 
-    def sample(self, sample: int, layout: GazeLayout) -> LookSet:
-        """The spans of one sample, over that sample's own one-sample `layout` (shares the parser)."""
-        one = LookSet(layout, self.tokens, self.bias)
-        one._parsers, one._next = [self._parsers[sample]], [self._next[sample]]
-        return one
-
     def spans(self, sample: int) -> list[Look]:
         return list(self._parsers[sample].looks)
 
@@ -246,21 +240,26 @@ class LookSet:
             self._tables[key] = table[: layout.num_regions].to(device)
         return self._tables[key]
 
-    def query_tables(self, q_offset: int, q_len: int, kv_len: int, device):
-        """Dense tables for a query window: (active (B, Lq), inside (B, Lq, S), named (B, Lq, R)), or None."""
-        b = self.layout.batch_size
+    def position_tables(self, positions: torch.Tensor, kv_len: int, device):
+        """Dense tables for query positions (B, N): (active (B, N), inside (B, N, S), named (B, N, R)), or None
+        when no position is under a span."""
+        b, n = positions.shape
         r = self.layout.num_regions
-        active = torch.zeros(b, q_len, dtype=torch.bool, device=device)
-        inside = torch.zeros(b, q_len, kv_len, dtype=torch.bool, device=device)
-        named = torch.zeros(b, q_len, r, dtype=torch.bool, device=device)
+        active = torch.zeros(b, n, dtype=torch.bool, device=device)
+        inside = torch.zeros(b, n, kv_len, dtype=torch.bool, device=device)
+        named = torch.zeros(b, n, r, dtype=torch.bool, device=device)
         found = False
         for i in range(b):
-            for a, z, look in self.rows(i, q_offset, q_len):
+            for look in self._parsers[i].looks:
+                covered = positions[i] >= look.start
+                if look.end is not None:
+                    covered &= positions[i] < look.end
+                if not bool(covered.any()):
+                    continue
                 found = True
-                rows = slice(a - q_offset, z - q_offset)
-                active[i, rows] = True
-                inside[i, rows] = self.inside(i, look, kv_len, device)
-                named[i, rows] = self.named_regions(i, look, device)
+                active[i, covered] = True
+                inside[i, covered] = self.inside(i, look, kv_len, device)
+                named[i, covered] = self.named_regions(i, look, device)
         return (active, inside, named) if found else None
 
 
