@@ -1,6 +1,7 @@
 """`gazelit generate`: answer a prompt about an image, a video or a folder of frames.
 
-Prints the answer. With `--trace OUTDIR` (gaze-enabled models) it also writes OUTDIR/index.html, a
+Prints the answer (for a model with look spans, each look on its own line after it, on stderr: its box
+and the text inside it). With `--trace OUTDIR` (gaze-enabled models) it also writes OUTDIR/index.html, a
 self-contained routing viewer (the answer's tokens; hover / click one to see the regions each head
 selected for it over the image or frames, with the dense attention of the same query beside it), and
 PNG stills of the same under OUTDIR/stills/ (`--tensorboard LOGDIR` logs them as image summaries).
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out = model.generate_from_batch(batch, trace=False, **sampling)[0]
         print(out.text)
+        _print_looks(out)
         return 0
     from gazelit.viewer.data import trace_generation
     from gazelit.viewer.page import write_page
@@ -68,9 +70,17 @@ def run(args: argparse.Namespace) -> int:
 
     out, data = trace_generation(model, prompt, **sampling)
     print(out.text)
+    _print_looks(out)
     page = write_page(data.to_json(), args.trace)
     stills = write_stills(data, args.trace, max_tokens=args.stills)
     if args.tensorboard:
         log_to_tensorboard(stills, args.tensorboard)
     print(f"routing viewer: {page} ({len(stills)} stills in {page.parent / 'stills'})", file=sys.stderr)
     return 0
+
+
+def _print_looks(out) -> None:
+    for look in out.looks:
+        box = ", ".join(f"{c:.3f}" for c in look.box)
+        closed = "" if look.end is not None else " (never closed)"
+        print(f"look: unit {look.unit}, box [{box}]{closed}: {look.text!r}", file=sys.stderr)

@@ -38,3 +38,16 @@ def test_generate_prints_the_answer_for_dense_and_gaze_models(tmp_path, capsys):
     main(["generate", str(tmp_path / "gaze"), "--prompt", "No picture at all", "--max-new-tokens", "2",
           "--trace", str(tmp_path / "text"), "--sample", "--temperature", "0.7"])
     assert (tmp_path / "text" / "index.html").is_file()  # a text-only trace still renders
+
+
+def test_generate_prints_each_generated_look_after_the_answer(capsys):
+    from types import SimpleNamespace
+
+    from gazelit.cli.generate_cmd import _print_looks
+    from gazelit.models.gaze_vlm import GeneratedLook
+
+    _print_looks(SimpleNamespace(looks=[GeneratedLook(0, (0.25, 0.0, 0.5, 0.5), 4, 7, "red circle"),
+                                        GeneratedLook(0, (0.0, 0.0, 1.0, 1.0), 9, None, "")]))  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["look: unit 0, box [0.250, 0.000, 0.500, 0.500]: 'red circle'",
+                   "look: unit 0, box [0.000, 0.000, 1.000, 1.000] (never closed): ''"]  # fmt: skip
