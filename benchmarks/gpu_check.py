@@ -89,7 +89,8 @@ def timed(fn, repeats: int, sync) -> float:
 # ---------------------------------------------------------------------------------------------- sections
 def section_tests(cfg, device, dry) -> dict:
     # the fused decode kernels: compiled on CUDA; in the dry run a few cases through Triton's interpreter
-    files = (["tests/attention/test_gpu.py", "tests/attention/test_flex_compile.py", "tests/attention/test_triton_decode.py"]
+    files = (["tests/attention/test_gpu.py", "tests/attention/test_flex_compile.py", "tests/attention/test_triton_decode.py",
+              "tests/attention/test_look.py"]
              if not dry else ["tests/attention/test_fast_paths.py", "tests/attention/test_triton_decode.py",
                               "-k", "(test_fast_paths and decode) or ties or given"])  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=REPO,
