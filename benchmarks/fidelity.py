@@ -95,33 +95,6 @@ def train(arm: str, overrides: list[str], reuse: bool, suffix: str = "") -> tupl
     return result.exported_model, time.perf_counter() - started, recipe
 
 
-def prompts_from(batch: dict, pad_id: int) -> dict:
-    """A teacher-forced batch (right-padded, with labels) cut before each sample's first supervised
-    token and left-padded: the prompt the model answers at test time."""
-    from gazelit.attention import PAD
-
-    labels = batch["labels"]
-    b = labels.shape[0]
-    cut = [int((labels[i] != -100).nonzero()[0]) for i in range(b)]
-    n = max(cut)
-    shift = torch.tensor([n - c for c in cut])
-
-    def left(t: torch.Tensor, fill: int) -> torch.Tensor:
-        out = torch.full((b, n), fill, dtype=t.dtype)
-        for i in range(b):
-            out[i, n - cut[i] :] = t[i, : cut[i]]
-        return out
-
-    kinds = left(batch["token_kind"], PAD)
-    out = {key: batch[key] for key in ("pixel_values", "unit_sample", "unit_grid", "unit_video", "unit_time")}
-    out.update(
-        input_ids=left(batch["input_ids"], pad_id), token_kind=kinds, attention_mask=(kinds != PAD).long(),
-        labels=torch.full((b, n), -100), unit_start=batch["unit_start"] + shift[batch["unit_sample"]],
-        num_context=batch["num_context"],
-    )
-    return out
-
-
 def target_tile(box: list[float], grid: tuple[int, int], region: tuple[int, int, int]) -> int:
     """Tile (row-major over the unit's regions) holding the centre of a normalised box."""
     (rows, cols), (rh, rw, _) = grid, region
@@ -138,6 +111,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     from gazelit.schema import DataConfig, SourceConfig
     from gazelit.datamodules.datamodule import GazeDataModule
     from gazelit.attention.look import box_iou
+    from gazelit.batch import answer_prompts
     from gazelit.models.gaze_vlm import GazeVLM
 
     model = GazeVLM.from_pretrained(model_dir).eval()
@@ -159,7 +133,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     looks = model.look_tokens is not None
     look_formed, look_ious, look_inside = [], [], []
     for batch in data.test_dataloader():
-        outputs = model.generate_from_batch(prompts_from(batch, model.tokenizer.pad_token_id),
+        outputs = model.generate_from_batch(answer_prompts(batch, model.tokenizer.pad_token_id),
                                             max_new_tokens=24 if looks else 6)  # fmt: skip
         for meta, out in zip(batch["meta"], outputs):
             right = out.text.strip() == meta["answer"]

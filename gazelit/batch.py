@@ -28,7 +28,7 @@ import torch
 
 from gazelit.attention.layout import CONTEXT, PAD, TEXT, VISUAL
 
-__all__ = ["TEXT", "VISUAL", "CONTEXT", "PAD", "REQUIRED_KEYS", "check_batch"]
+__all__ = ["TEXT", "VISUAL", "CONTEXT", "PAD", "REQUIRED_KEYS", "answer_prompts", "check_batch"]
 
 REQUIRED_KEYS = {
     "input_ids": 2,
@@ -67,3 +67,35 @@ def check_batch(batch: dict) -> None:
     real = batch["attention_mask"].bool()
     if ((batch["token_kind"] == PAD) == real).any():
         raise ValueError("batch['token_kind'] marks PAD where attention_mask is 1 (or the reverse)")
+
+
+def answer_prompts(batch: dict, pad_id: int) -> dict:
+    """A teacher-forced batch (labels mark the answers) cut before each sample's first supervised token and
+    left-padded: the prompts a model answers at test time, labels all -100. Units keep their images; a
+    unit after the cut must not exist (answers follow their media). Raises ValueError naming a sample
+    without a supervised token."""
+    labels = batch["labels"]
+    b = labels.shape[0]
+    cut = []
+    for i in range(b):
+        supervised = (labels[i] != -100).nonzero().flatten()
+        if not supervised.numel():
+            raise ValueError(f"sample {i} of the batch has no supervised token: no answer to cut its prompt at")
+        cut.append(int(supervised[0]))
+    n = max(cut)
+
+    def left(t: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full((b, n), fill, dtype=t.dtype, device=t.device)
+        for i in range(b):
+            out[i, n - cut[i] :] = t[i, : cut[i]]
+        return out
+
+    shift = torch.tensor([n - c for c in cut], device=labels.device)
+    kinds = left(batch["token_kind"], PAD)
+    prompts = {key: batch[key] for key in ("pixel_values", "unit_sample", "unit_grid", "unit_video", "unit_time")}
+    prompts.update(
+        input_ids=left(batch["input_ids"], pad_id), token_kind=kinds, attention_mask=(kinds != PAD).long(),
+        labels=torch.full((b, n), -100, device=labels.device), num_context=batch["num_context"],
+        unit_start=batch["unit_start"] + shift[batch["unit_sample"]],
+    )  # fmt: skip
+    return prompts

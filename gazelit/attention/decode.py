@@ -136,7 +136,13 @@ def decode_attention(
     (a region two heads of a KV head chose is gathered twice, the second time from the CPU cache), or every
     KV head with a shared selection.
     """
-    out, sel, scores = _decode_attention(q, k, v, layout, state, top_k, q_offset, scale, shared, routing)
+    return step_with_looks(_decode_attention, q, k, v, layout, state, top_k, q_offset, scale, shared, routing, looks)
+
+
+def step_with_looks(step, q, k, v, layout, state, top_k, q_offset, scale, shared, routing, looks):
+    """A decode step (`step`: the torch or the Triton one, same arguments and results) with the rows under
+    look spans recomputed exactly (`with_look_rows`); the selection returned is the step's top-k."""
+    out, sel, scores = step(q, k, v, layout, state, top_k, q_offset, scale, shared, routing)
     if looks is not None:
         out = with_look_rows(out, q, k, v, layout, top_k, looks, scale=scale, q_offset=q_offset, shared=shared,
                              routing=routing)  # fmt: skip

@@ -26,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gazelit.attention.decode import DecodeState, decode_attention
+from gazelit.attention.decode import DecodeState, decode_attention, step_with_looks
 from gazelit.attention.layout import GazeLayout
 from gazelit.attention.look import LookSet
-from gazelit.attention.reference import with_look_rows
 
 __all__ = ["FUSED_DTYPES", "fused_decode_attention", "fused_route"]
 
@@ -219,11 +218,7 @@ def fused_decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`decode.decode_attention` in three Triton launches: same arguments, same (output, selection, scores).
     Rows under a look span are computed by the reference, as on the torch path."""
-    out, sel, scores = _fused(q, k, v, layout, state, top_k, q_offset, scale, shared, routing)
-    if looks is not None:
-        out = with_look_rows(out, q, k, v, layout, top_k, looks, scale=scale, q_offset=q_offset, shared=shared,
-                             routing=routing)  # fmt: skip
-    return out, sel, scores
+    return step_with_looks(_fused, q, k, v, layout, state, top_k, q_offset, scale, shared, routing, looks)
 
 
 def _fused(q, k, v, layout, state, top_k, q_offset, scale, shared, routing):

@@ -21,6 +21,7 @@ import torch
 
 from gazelit.attention.layout import PAD, TEXT
 from gazelit.attention.look import LookTokens, bins_to_box, box_iou
+from gazelit.batch import answer_prompts
 
 IGNORE = -100
 
@@ -34,41 +35,19 @@ class Truth:
 
 
 def prompts_and_truths(batch: dict, pad_id: int, eos_id: int, looks: LookTokens | None) -> tuple[dict, list[Truth]]:
-    """Left-padded prompts cut before each sample's first supervised token, and each sample's truth:
-    the supervised tokens from there to the first end-of-turn (inclusive)."""
-    labels = batch["labels"]
-    b = labels.shape[0]
-    cut, truths = [], []
-    for i in range(b):
-        supervised = (labels[i] != IGNORE).nonzero().flatten()
-        if not supervised.numel():
-            raise ValueError(f"sample {i} of the batch has no supervised token: GRPO needs an answer to reward")
-        start = int(supervised[0])
-        cut.append(start)
+    """Left-padded prompts cut before each sample's first supervised token (gazelit.batch.answer_prompts),
+    and each sample's truth: the supervised tokens from there to the first end-of-turn (inclusive)."""
+    prompts = answer_prompts(batch, pad_id)
+    truths = []
+    for row in batch["labels"].tolist():
         answer = []
-        for token in labels[i, start:].tolist():
+        for token in row[next(i for i, t in enumerate(row) if t != IGNORE) :]:
             if token == IGNORE:
                 break
             answer.append(token)
             if token == eos_id:
                 break
         truths.append(_truth(answer, looks))
-    n = max(cut)
-
-    def left(t: torch.Tensor, fill: int) -> torch.Tensor:
-        out = torch.full((b, n), fill, dtype=t.dtype, device=t.device)
-        for i in range(b):
-            out[i, n - cut[i] :] = t[i, : cut[i]]
-        return out
-
-    shift = torch.tensor([n - c for c in cut], device=labels.device)
-    kinds = left(batch["token_kind"], PAD)
-    prompts = {key: batch[key] for key in ("pixel_values", "unit_sample", "unit_grid", "unit_video", "unit_time")}
-    prompts.update(
-        input_ids=left(batch["input_ids"], pad_id), token_kind=kinds, attention_mask=(kinds != PAD).long(),
-        labels=torch.full((b, n), IGNORE, device=labels.device), num_context=batch["num_context"],
-        unit_start=batch["unit_start"] + shift[batch["unit_sample"]],
-    )  # fmt: skip
     return prompts, truths
 
 

@@ -117,3 +117,15 @@ def test_look_values_are_checked_before_a_model_is_built():
     with pytest.raises(ValueError, match="model.look.bins"):
         model_config(look={"enabled": True, "bins": 0}).validate()
     assert model_config(look={"enabled": True, "bias": "-inf"}).validate().look.bias == float("-inf")
+
+
+def test_a_sharded_start_whose_llm_lacks_the_look_tokens_is_a_clear_error():
+    """Under an fsdp2 start the LLM's parameters are on the meta device and its embeddings cannot grow."""
+    from gazelit.models.gaze_vlm import _with_look_tokens
+
+    llm = tiny_vlm().llm
+    llm.resize_token_embeddings(len(TOKENIZER))  # exactly the tokenizer: no room for the look tokens
+    with pytest.raises(ValueError, match=r"model.look: the LLM's vocabulary \(400\) lacks the 6 look tokens"):
+        _with_look_tokens(TOKENIZER, llm, 4, empty=True)
+    grown = _with_look_tokens(TOKENIZER, llm, 4, empty=False)  # unsharded: the embeddings grow
+    assert llm.get_input_embeddings().num_embeddings == len(grown) == len(TOKENIZER) + 6
