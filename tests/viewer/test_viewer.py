@@ -153,24 +153,30 @@ def test_page_in_headless_chromium(tmp_path, capsys):
         assert browser.evaluate("document.querySelectorAll('rect.sel').length") > 0
 
 
-def test_generated_look_spans_are_in_the_trace_and_drawn_on_the_page(tmp_path):
-    """A look model made to write `<look> box ... </look>`: the viewer data holds the span with its box and
-    token range, and the page outlines the box (solid while the shown token is inside the span)."""
+def _look_trace():
+    """A look model made to write `<look> box ... </look>`, traced: (output, viewer data)."""
     model = tiny_vlm(top_k=1, look={"enabled": True, "bins": 4})
     t = model.look_tokens
     loc = {b: i for i, b in t.locs.items()}
     script = {0: t.open, 1: loc[0], 2: loc[2], 3: loc[1], 4: loc[3], 6: t.close}
     others = [i for i in range(len(model.tokenizer)) if i not in {t.open, t.close, *t.locs, model.tokenizer.eos_token_id}]
-    out, data = trace_generation(model, Prompt("What colour is the circle?", images=[picture()]), max_new_tokens=8,
-                                 prefix_allowed_tokens_fn=lambda _b, ids: [script[len(ids)]] if len(ids) in script
-                                 else others)  # fmt: skip
+    return trace_generation(model, Prompt("What colour is the circle?", images=[picture()]), max_new_tokens=8,
+                            prefix_allowed_tokens_fn=lambda _b, ids: [script[len(ids)]] if len(ids) in script
+                            else others)  # fmt: skip
+
+
+def test_generated_look_spans_are_in_the_trace_and_the_page_data():
+    """The viewer data holds the generated span with its box and token range, and the page embeds it."""
+    out, data = _look_trace()
     assert data.looks == [{"unit": 0, "box": [0.0, 0.5, 0.5, 1.0], "start": 4, "end": 6, "text": out.looks[0].text}]
     assert "<look>" not in out.text and data.answer == out.text
-    page = render_page(data.to_json())
-    assert _page_data(page)["looks"] == data.looks
-    if CHROMIUM is None:
-        return
-    (tmp_path / "index.html").write_text(page)
+    assert _page_data(render_page(data.to_json()))["looks"] == data.looks
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+def test_the_page_outlines_a_look_box_solid_while_the_token_is_inside_the_span(tmp_path):
+    _, data = _look_trace()
+    (tmp_path / "index.html").write_text(render_page(data.to_json()))
     with Browser(CHROMIUM) as browser:
         browser.navigate((tmp_path / "index.html").as_uri())
         assert browser.errors() == []
