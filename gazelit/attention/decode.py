@@ -14,6 +14,7 @@ No score against the full cache is formed. Equal to the reference given the same
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class DecodeState:
     region_real: torch.Tensor | None = None  # None: every region is real
     region_rows: torch.Tensor | None = None
     region_valid: torch.Tensor | None = None
+    regions_full: bool = False  # every region real and of full size: a top-k selection needs no row mask
     _tables: DecodeTables | None = None
 
     def tables(self, layout: GazeLayout) -> DecodeTables:
@@ -87,15 +89,35 @@ def build_state(k: torch.Tensor, v: torch.Tensor, layout: GazeLayout, length: in
         (layout.region_ready < GazeLayout.NEVER)[:, None, None, :],
         region_rows=layout.region_tokens.clamp(min=0),
         region_valid=layout.region_tokens >= 0,
+        regions_full=bool((layout.region_ready < GazeLayout.NEVER).all() and (layout.region_tokens >= 0).all()),
     )  # fmt: skip
 
 
-def gather_rows(caches: tuple[torch.Tensor, ...], kv_head: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+_workspace = threading.local()
+
+
+def _scratch(count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`count` flat CPU buffers of `numel` elements, reused by every decode step of this thread (all layers).
+
+    A step's gathered rows are megabytes; allocated afresh, each step pays the page faults of new memory
+    (glibc returns large freed blocks to the OS), which on CPU cost more than the gather itself.
+    """
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    if dtype not in buffers or buffers[dtype].numel() < count * numel:
+        buffers[dtype] = torch.empty(count * numel, dtype=dtype)
+    return [buffers[dtype][i * numel : (i + 1) * numel] for i in range(count)]
+
+
+def gather_rows(
+    caches: tuple[torch.Tensor, ...], kv_head: torch.Tensor, pos: torch.Tensor, scratch: bool = False
+) -> list[torch.Tensor]:
     """cache[b, kv_head[h], pos[b, h, ...]] -> (*pos.shape, D) for each cache, one memcpy-like row gather.
 
     A KV cache (or a length-slice of one) stores each (batch, head) as contiguous D-wide rows, so the
     cache viewed as a (rows, D) matrix is gathered with index_select, much faster than advanced indexing.
-    The row numbers are computed once for caches laid out alike (keys and values).
+    The row numbers are computed once for caches laid out alike (keys and values). With `scratch` (CPU,
+    no autograd graph that could save the rows) the results live in a per-thread buffer: valid until the
+    next scratch gather of this thread.
     """
     b, h, length, d = caches[0].shape
     sb, sh, ss, sd = caches[0].stride()
@@ -106,7 +128,11 @@ def gather_rows(caches: tuple[torch.Tensor, ...], kv_head: torch.Tensor, pos: to
     base = (torch.arange(b, device=pos.device) * (sb // d)).view(b, *[1] * (pos.dim() - 1))
     rows = (base + (kv_head * (sh // d)).view(1, -1, *[1] * (pos.dim() - 2)) + pos).reshape(-1)
     extent = ((b - 1) * sb + (h - 1) * sh + (length - 1) * ss) // d + 1  # rows the (B, H, S) view spans
-    return [c.as_strided((extent, d), (d, 1)).index_select(0, rows).view(*pos.shape, d) for c in caches]
+    flat = [c.as_strided((extent, d), (d, 1)) for c in caches]
+    if not scratch or caches[0].device.type != "cpu":
+        return [f.index_select(0, rows).view(*pos.shape, d) for f in flat]
+    out = _scratch(len(caches), rows.numel() * d, caches[0].dtype)
+    return [torch.index_select(f, 0, rows, out=o.view(-1, d)).view(*pos.shape, d) for f, o in zip(flat, out)]
 
 
 def decode_attention(
@@ -171,19 +197,25 @@ def _decode_attention(q, k, v, layout, state, top_k, q_offset, scale, shared, ro
     # 2. gather the selected regions' rows, per selection group
     by_kv = shared and routing is None  # a given routing may differ between the heads of a KV head
     groups, per = (hkv, g) if by_kv else (hq, 1)
-    pick = (sel[:, ::g] if by_kv else sel).clamp(min=0)  # (B, groups, n, kk)
-    kk = pick.shape[-1]
-    samples = torch.arange(b, device=q.device)[:, None, None, None]
-    rows = state.region_rows[samples, pick]  # (B, groups, n, kk, T)
-    ok = state.region_valid[samples, pick] & (sel[:, ::g] if by_kv else sel)[..., None].ge(0)
-    width = n * kk * rows.shape[-1]
+    chosen = sel[:, ::g] if by_kv else sel  # (B, groups, n, kk)
+    kk, r, t = chosen.shape[-1], state.region_rows.shape[1], state.region_rows.shape[2]
+    # one row gather from the (B * R, T) table of the regions' token positions
+    flat = (chosen.clamp(min=0) + (torch.arange(b, device=q.device) * r).view(b, 1, 1, 1)).view(-1)
+    rows = state.region_rows.view(b * r, t).index_select(0, flat)  # (B * groups * n * kk, T)
+    width = n * kk * t
     kv_head = torch.arange(groups, device=q.device) // (1 if by_kv else g)
-    k_sel, v_sel = gather_rows((k, v), kv_head, rows.view(b, groups, width))  # (B, groups, width, D)
+    # a graph that could save the gathered rows for backward must get rows of its own
+    scratch = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    k_sel, v_sel = gather_rows((k, v), kv_head, rows.view(b, groups, width), scratch)  # (B, groups, width, D)
+    ok = None  # which gathered rows each query row may see (None: all)
+    if routing is not None or not state.regions_full:  # padded regions, or -1 in the selection
+        ok = state.region_valid.view(b * r, t).index_select(0, flat).view(b, groups, n, kk, t) & chosen[..., None].ge(0)
     if n == 1:
-        ok = ok.view(b, groups, 1, width)
+        ok = None if ok is None else ok.view(b, groups, 1, width)
     else:  # each query row sees only its own selection
         own = torch.eye(n, dtype=torch.bool, device=q.device)[:, :, None]  # (n, n, 1)
-        ok = (ok.view(b, groups, 1, n, kk * rows.shape[-1]) & own).view(b, groups, 1, n, width)
+        ok = torch.ones(b, groups, n, kk, t, dtype=torch.bool, device=q.device) if ok is None else ok
+        ok = (ok.view(b, groups, 1, n, kk * t) & own).view(b, groups, 1, n, width)
         ok = ok.expand(b, groups, per, n, width).reshape(b, groups, per * n, width)
 
     # 3. one softmax over: compact non-visual rows | rows since the state was built | selected rows
@@ -198,7 +230,8 @@ def _decode_attention(q, k, v, layout, state, top_k, q_offset, scale, shared, ro
         causal = torch.ones(n, recent.shape[-1], dtype=torch.bool, device=q.device).tril(recent.shape[-1] - n)
         recent = recent.masked_fill(~causal.repeat(g, 1), float("-inf"))
     selected = qs.reshape(b, groups, per * n, d) @ k_sel.transpose(-1, -2)
-    selected = selected.masked_fill(~ok, float("-inf"))
+    if ok is not None:
+        selected = selected.masked_fill(~ok, float("-inf"))
     logits = torch.cat([x.reshape(b, hq, n, -1) for x in (nonvisual, recent, selected)], -1)
     probs = logits.to(routing_dtype(q.dtype)).softmax(-1).to(q.dtype)
     p_nonvisual, p_recent, p_selected = probs.split([nonvisual.shape[-1], recent.shape[-1], width], -1)

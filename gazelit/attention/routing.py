@@ -96,11 +96,19 @@ def select_regions(
 def _top_k_lower_index_first(scores: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kk largest scores of each row, in descending order, equal scores by ascending index, which
     torch.topk does not promise. A stable descending sort keeps exactly that order on every device; for
-    a few rows of float32 scores (a decode step) one top-k over distinct integer keys gives the same
-    result several times faster (for many short rows, as in training, the sort is faster)."""
+    a few rows (a decode step) on CPU a plain top-k of kk + 1 is used when it shows no tie, and for a few
+    rows of float32 scores one top-k over distinct integer keys gives the same result several times faster
+    than the sort (for many short rows, as in training, the sort is faster)."""
     if kk == 0:
         return scores[..., :0], torch.zeros_like(scores[..., :0], dtype=torch.long)
-    if scores.dtype == torch.float32 and scores.numel() <= 1024 * scores.shape[-1]:
+    r = scores.shape[-1]
+    few_rows = scores.numel() <= 1024 * r
+    if few_rows and kk < r and scores.device.type == "cpu":
+        # the kk + 1 largest strictly decreasing: the top kk and their order are unique, whatever the method
+        values, index = scores.topk(kk + 1, dim=-1)
+        if not bool((values[..., 1:] == values[..., :-1]).any()):
+            return values[..., :kk], index[..., :kk]
+    if scores.dtype == torch.float32 and few_rows:
         return _top_k_by_unique_key(scores, kk)
     values, index = scores.sort(dim=-1, descending=True, stable=True)
     return values[..., :kk], index[..., :kk]

@@ -203,6 +203,56 @@ def test_decode_equals_reference(seed, heads, video, padding, m, top_k, shared):
         assert torch.equal(sel, want)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_over_full_size_regions_equals_reference(shared, dtype):
+    """Every region real and full (grids a multiple of the region, same units in every sample): the step
+    skips its row mask; one and several new rows, per-head and shared selection, left padding."""
+    g = torch.Generator().manual_seed(5)
+    units = [Unit(2, (4, 6)), Unit(2 + 24 + 2 + 1, (4, 6))]
+    valid_from = [0, 3]
+    layout = GazeLayout.build([[Unit(u.start + off, u.grid) for u in units] for off in valid_from], 3 + 53 + 4, 2,
+                              RegionShape(2, 3, 1), valid=[(off, 60) for off in valid_from])  # fmt: skip
+    b, hq, hkv, d, length = 2, 4, 2, 8, layout.length
+    q = torch.randn(b, hq, length + 6, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, length + 6, d, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, length + 6, d, generator=g, dtype=dtype)
+    state = build_state(k, v, layout, length)
+    assert state.regions_full
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    with torch.no_grad():  # the scratch-buffer path generation takes
+        for start, n in [(length, 1), (length + 1, 3), (length + 4, 1)]:
+            rows = slice(start, start + n)
+            for top_k in (1, 3):
+                ref = reference_attention(q[:, :, rows], k[:, :, : start + n], v[:, :, : start + n], layout, top_k,
+                                          q_offset=start, shared=shared)  # fmt: skip
+                out, sel, _ = decode_attention(q[:, :, rows], k, v, layout, state, top_k, start, shared=shared)
+                assert (ref - out)[:, :, :].abs().max() < tol
+                want, _ = reference_routing(q[:, :, rows], k[:, :, : start + n], layout, top_k, q_offset=start,
+                                            shared=shared)  # fmt: skip
+                assert torch.equal(sel, want)
+
+
+def test_decode_steps_under_autograd_keep_their_own_rows():
+    """Two steps whose graphs are alive at once (the rows a step saves for backward are its own, not a
+    buffer a later step reuses): the queries' gradients equal the reference's. (The cache's own gradient
+    is not a decode concern: the state holds detached copies of the non-visual rows.)"""
+    case = make(22, (4, 2), False, "left", 2)
+    layout = case.layout
+    b, hkv, length, d = case.k.shape
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(b, 4, 2, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, length + 2, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, length + 2, d, generator=g, dtype=torch.float64)
+    state = build_state(k, v, layout, length)
+    steps = [decode_attention(q[:, :, i : i + 1], k, v, layout, state, 2, length + i)[0] for i in range(2)]
+    ref = [reference_attention(q[:, :, i : i + 1], k[:, :, : length + i + 1], v[:, :, : length + i + 1], layout, 2,
+                               q_offset=length + i) for i in range(2)]  # fmt: skip
+    (grad,) = torch.autograd.grad(sum((x * (i + 1)).sum() for i, x in enumerate(steps)), q)
+    (want,) = torch.autograd.grad(sum((x * (i + 1)).sum() for i, x in enumerate(ref)), q)
+    assert (grad - want).abs().max() < 1e-10
+
+
 def test_decode_never_reads_unselected_visual_rows():
     """Poison every visual key/value outside the selected regions: the decode output must not change."""
     case = make(20, (4, 2), False, "left", 2)

@@ -249,3 +249,27 @@ def test_top_k_keeps_the_stable_sort_order_on_every_method(rows):
         values, index = _top_k_lower_index_first(x, kk)
         want_values, want_index = x.sort(dim=-1, descending=True, stable=True)
         assert torch.equal(index, want_index[:, :kk]) and torch.equal(values, want_values[:, :kk])
+
+
+def test_top_k_of_a_decode_step_without_ties_and_with_a_tie_at_the_cut():
+    """The plain top-k a decode step takes when its kk + 1 largest are distinct, and the fallbacks when two of
+    them tie (at the cut, inside the top kk, between -0.0 and 0.0), all equal to the stable sort."""
+    from gazelit.attention.routing import _top_k_lower_index_first
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(2, 8, 1, 37, generator=g).to(dtype)
+        for kk in (1, 4, 36, 37):
+            for tie in (None, "cut", "inside", "zero"):
+                y = x.clone()
+                top = y.sort(dim=-1, descending=True, stable=True).indices
+                if tie == "cut" and kk < 37:  # the kk-th and (kk+1)-th largest are equal
+                    y.scatter_(-1, top[..., kk : kk + 1], y.gather(-1, top[..., kk - 1 : kk]))
+                elif tie == "inside" and kk > 1:
+                    y.scatter_(-1, top[..., 1:2], y.gather(-1, top[..., 0:1]))
+                elif tie == "zero":
+                    y.scatter_(-1, top[..., 0:2], torch.tensor([0.0, -0.0], dtype=dtype).expand(2, 8, 1, 2))
+                values, index = _top_k_lower_index_first(y, kk)
+                want_values, want_index = y.sort(dim=-1, descending=True, stable=True)
+                assert torch.equal(index, want_index[..., :kk]), (dtype, kk, tie)
+                assert torch.equal(values, want_values[..., :kk])
