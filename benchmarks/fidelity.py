@@ -13,6 +13,7 @@ regions = 16 regions) for the same steps with the same seed, once per arm, throu
     no-schedule  gaze-12.5 sparse from step 0, no progressive schedule (ablation)
     local-25     gaze-25 on the patch embedding's features (no vision-tower layer: no token sees the board)
     local-12.5   the same at k = 2
+    local-dense  the dense baseline on the same patch-embedding features
     look-12.5    gaze-12.5 with look spans (GazeVLM, supervised): every answer starts with
                  <look> box "colour shape" </look> for each object it names (the data's boxes)
     look-dense   the dense baseline with the same look spans
@@ -68,6 +69,7 @@ ARMS = {
     # diagnosis: visual tokens from the patch embedding only (no vision-tower layer mixes the board)
     "local-25": ["model.gaze.top_k=4", "model.vision.feature_layer=0"],
     "local-12.5": ["model.gaze.top_k=2", "model.vision.feature_layer=0"],
+    "local-dense": ["model.gaze.enabled=false", "model.vision.feature_layer=0"],
     # GazeVLM look spans, supervised with the data's boxes
     "look-12.5": ["model.gaze.top_k=2", "model.look.enabled=true"],
     "look-dense": ["model.gaze.enabled=false", "model.look.enabled=true"],
@@ -306,11 +308,12 @@ def main(argv=None) -> int:
         rows.append(dict(arm=arm, overrides=arm_overrides, train_seconds=round(seconds, 1),
                          eval=evaluate(model_dir, recipe)))
         print(json.dumps(rows[-1]), flush=True)
-        if arm != "dense" and args.eval_selection:
+        gaze = "model.gaze.enabled=false" not in ARMS[arm]
+        if gaze and args.eval_selection:
             rows.append(dict(arm=f"{arm} @ {args.eval_selection}", overrides=arm_overrides,
                              train_seconds=float("nan"), eval=evaluate(model_dir, recipe, selection=args.eval_selection)))
             print(json.dumps(rows[-1]), flush=True)
-        if arm != "dense":
+        if gaze:
             for value in [v for v in args.eval_k.split(",") if v]:
                 k = None if value == "all" else int(value)
                 rows.append(dict(arm=f"{arm} @ k={value}", overrides=arm_overrides,
