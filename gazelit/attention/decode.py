@@ -6,7 +6,7 @@ Per layer, a `DecodeState` is built once, at the first decode step after the vis
 Each step then, in a fixed sequence of large ops (index tables made once per state, no per-step loop):
   1. scores the new queries against the descriptors (B, Hq, n, R), takes the top-k regions;
   2. gathers the K/V rows of the selected regions with one index_select each, per query head (per KV head
-     with a shared selection);
+     with a shared selection), on CPU into a buffer reused by every step (no fresh megabytes per step);
   3. attends over [compact non-visual keys | keys generated since the state was built | gathered keys]
      with one softmax.
 No score against the full cache is formed. Equal to the reference given the same selection.
