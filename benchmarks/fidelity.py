@@ -32,7 +32,8 @@ then generates answers (greedy) for the held-back test split and reports, per ar
                     token), with hit_rate_mean, hit_rate_best_head (the best layer x head) and the chances
 `--eval-k 0,all` also runs every trained gaze arm at other k (k = 0: the text sees the context tokens and
 no visual token); `--eval-selection static` also runs it with the first answer token's regions kept for
-the whole answer. On two-object questions (demo task shapes_of_two) `second_object_hit_rate` is the hit
+the whole answer. `accuracy_multi` is the accuracy on questions that name several objects (demo task
+shapes_of_two). On two-object questions `second_object_hit_rate` is the hit
 rate at the token that names the second object. Look arms also report look_well_formed (answers whose
 generated looks are all well formed and closed, at least one), look_iou (each generated look's box
 against the box of the object it should name, in order; a missing look scores 0) and
@@ -129,6 +130,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     hits, attended, layer_hits = [], [], defaultdict(list)
     head_hits, head_inside, routed = None, None, 0
     second_hits: list[float] = []
+    multi: list[bool] = []  # answers to questions that name several objects
     hits_by_outcome: dict[bool, list[float]] = {True: [], False: []}
     any_head: dict[int, list[float]] = defaultdict(list)
     per_unit = model.visual_grid[0] * model.visual_grid[1]
@@ -140,6 +142,8 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
         for meta, out in zip(batch["meta"], outputs):
             right = out.text.strip() == meta["answer"]
             correct[meta["task"]].append(right)
+            if len(meta.get("target_boxes") or []) > 1:
+                multi.append(right)
             if looks:
                 wanted = meta.get("target_boxes") or [meta["target_box"]]
                 look_formed.append(bool(out.looks) and out.looks_opened == len(out.looks)
@@ -194,6 +198,8 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
         accuracy_stderr=round((accuracy * (1 - accuracy) / len(total)) ** 0.5, 4),
         n=len(total),
         per_task={t: round(sum(v) / len(v), 4) for t, v in correct.items()},
+        accuracy_multi=mean(multi),  # questions naming several objects (None: there are none)
+        multi_questions=len(multi),
         attended_entries=round(sum(attended) / len(attended), 2),
         visual_tokens=per_unit,
         k="all" if not model.gaze_enabled or k is None else k,
