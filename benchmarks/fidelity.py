@@ -314,7 +314,7 @@ def main(argv=None) -> int:
         rows.append(dict(arm=arm, overrides=arm_overrides, train_seconds=round(seconds, 1),
                          eval=evaluate(model_dir, recipe)))
         print(json.dumps(rows[-1]), flush=True)
-        gaze = "model.gaze.enabled=false" not in ARMS[arm]
+        gaze = recipe.model.gaze.enabled  # dense arms have no selection or k to vary
         if gaze and args.eval_selection:
             rows.append(dict(arm=f"{arm} @ {args.eval_selection}", overrides=arm_overrides,
                              train_seconds=float("nan"), eval=evaluate(model_dir, recipe, selection=args.eval_selection)))

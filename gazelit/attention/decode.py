@@ -75,6 +75,8 @@ def build_state(k: torch.Tensor, v: torch.Tensor, layout: GazeLayout, length: in
     order = torch.argsort(~keep, dim=1, stable=True)[:, :na]
     valid = torch.arange(na, device=k.device)[None, :] < counts[:, None]
     idx = order[:, None, :, None].expand(b, h, na, d)
+    real = layout.region_ready < GazeLayout.NEVER  # (B, R): False for padding regions
+    token_valid = layout.region_tokens >= 0  # (B, R, T): False for the slots of short regions
     return DecodeState(
         descriptors=region_descriptors(k[:, :, :length], layout),
         nonvisual_k=k.gather(2, idx),
@@ -85,11 +87,10 @@ def build_state(k: torch.Tensor, v: torch.Tensor, layout: GazeLayout, length: in
         regions_max=int(layout.region_count.max()) if layout.batch_size else 0,
         nonvisual_bias=None if bool(valid.all()) else
         torch.zeros(valid.shape, dtype=k.dtype, device=k.device).masked_fill(~valid, float("-inf"))[:, None, None],
-        region_real=None if bool((layout.region_ready < GazeLayout.NEVER).all()) else
-        (layout.region_ready < GazeLayout.NEVER)[:, None, None, :],
+        region_real=None if bool(real.all()) else real[:, None, None, :],
         region_rows=layout.region_tokens.clamp(min=0),
-        region_valid=layout.region_tokens >= 0,
-        regions_full=bool((layout.region_ready < GazeLayout.NEVER).all() and (layout.region_tokens >= 0).all()),
+        region_valid=token_valid,
+        regions_full=bool(real.all() and token_valid.all()),
     )  # fmt: skip
 
 
