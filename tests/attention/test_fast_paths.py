@@ -203,14 +203,16 @@ def test_decode_equals_reference(seed, heads, video, padding, m, top_k, shared):
         assert torch.equal(sel, want)
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_decode_over_full_size_regions_equals_reference(shared, dtype):
-    """Every region real and full (grids a multiple of the region, same units in every sample): the step
-    skips its row mask; one and several new rows, per-head and shared selection, left padding."""
+def test_decode_over_full_size_regions_equals_reference(shared, dtype, padded):
+    """Every region real and full (grids a multiple of the region, same units in every sample): one new
+    row needs no mask with a shared selection and one constant per-head mask without padding; one and
+    several new rows, per-head and shared selection, with and without left padding."""
     g = torch.Generator().manual_seed(5)
     units = [Unit(2, (4, 6)), Unit(2 + 24 + 2 + 1, (4, 6))]
-    valid_from = [0, 3]
+    valid_from = [0, 3] if padded else [3, 3]
     layout = GazeLayout.build([[Unit(u.start + off, u.grid) for u in units] for off in valid_from], 3 + 53 + 4, 2,
                               RegionShape(2, 3, 1), valid=[(off, 60) for off in valid_from])  # fmt: skip
     b, hq, hkv, d, length = 2, 4, 2, 8, layout.length
@@ -218,7 +220,7 @@ def test_decode_over_full_size_regions_equals_reference(shared, dtype):
     k = torch.randn(b, hkv, length + 6, d, generator=g, dtype=dtype)
     v = torch.randn(b, hkv, length + 6, d, generator=g, dtype=dtype)
     state = build_state(k, v, layout, length)
-    assert state.regions_full
+    assert state.regions_full and (state.nonvisual_bias is None) != padded
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     with torch.no_grad():  # the scratch-buffer path generation takes
         for start, n in [(length, 1), (length + 1, 3), (length + 4, 1)]:
@@ -236,7 +238,7 @@ def test_decode_over_full_size_regions_equals_reference(shared, dtype):
 def test_decode_steps_under_autograd_keep_their_own_rows():
     """Two steps whose graphs are alive at once (the rows a step saves for backward are its own, not a
     buffer a later step reuses): the queries' gradients equal the reference's. (The cache's own gradient
-    is not a decode concern: the state holds detached copies of the non-visual rows.)"""
+    is not a decode concern.)"""
     case = make(22, (4, 2), False, "left", 2)
     layout = case.layout
     b, hkv, length, d = case.k.shape
