@@ -9,7 +9,9 @@
       model/            the final model as a GazeVLM.save_pretrained directory (checkpoint.export_final)
 
 A run without `resume` refuses a run directory that already holds checkpoints (they would mix with
-its own); problems of this kind raise RunSetupError before anything is built.
+its own), and a resume refuses a checkpoint trained with other `model` values than the recipe's (only
+the keys in RESUMABLE_MODEL_CHANGES may differ); problems of this kind raise RunSetupError before
+anything is built or written.
 
 Order of work: demo data (if the recipe has a `demo:` section and it is missing), seed, model (plus
 `init_from` weights unless resuming), datamodule from the model's tokenizer / image transform / grid,
@@ -151,6 +153,59 @@ def check_resumable(path: Path | None, recipe: Recipe) -> None:
         )
 
 
+# model keys a resumed run may change: how attention is computed or where the starting weights were read
+# from, never which weights exist or what they mean (the checkpoint holds the weights)
+RESUMABLE_MODEL_CHANGES = frozenset({
+    "gaze.top_k", "gaze.impl", "gaze.chunk", "gaze.decode", "gaze.selection",
+    "vision.pretrained", "llm.pretrained", "tokenizer.pretrained", "tokenizer.tiny_corpus",
+})  # fmt: skip
+
+
+def check_same_model(path: Path | None, recipe: Recipe) -> None:
+    """A resume continues the checkpoint's model: its `model` values (saved in the checkpoint) must equal
+    the recipe's, except RESUMABLE_MODEL_CHANGES (logged). Otherwise one line naming the keys, instead of
+    a strict state-dict error after the model is built (or, for keys that keep the weights' shapes, a run
+    that silently continues another model)."""
+    from gazelit.training.checkpoints import checkpoint_metadata
+
+    if path is None:
+        return
+    saved = (checkpoint_metadata(path).get("hyper_parameters") or {}).get("model_config")
+    if not isinstance(saved, dict):
+        raise RunSetupError(f"resume: {path} holds no model_config in its hyper_parameters; not a gazelit checkpoint?")
+    before, now = _flat(saved), _flat(recipe.model.to_dict())
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key, _MISSING) != now.get(key, _MISSING))
+    allowed = [key for key in changed if key in RESUMABLE_MODEL_CHANGES]
+    for key in allowed:
+        log.warning("resume: model.%s changes from %r to %r", key, before.get(key), now.get(key))
+    refused = [key for key in changed if key not in RESUMABLE_MODEL_CHANGES]
+    if refused:
+        shown = ", ".join(f"model.{key}: {_show(before.get(key, _MISSING))} in the checkpoint, "
+                          f"{_show(now.get(key, _MISSING))} in the recipe" for key in refused[:3])  # fmt: skip
+        more = f" (and {len(refused) - 3} more: {', '.join('model.' + k for k in refused[3:])})" if len(refused) > 3 else ""
+        raise RunSetupError(
+            f"resume: {path} was trained with another model: {shown}{more}; resume with the checkpoint's values, "
+            f"or start a new run (another run.name) with init_from={path} to begin from its weights"
+        )
+
+
+_MISSING = object()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is _MISSING else repr(list(value) if isinstance(value, tuple) else value)
+
+
 def build_module(recipe: Recipe, resume: Path | None):
     """The GazeVLMModule; `init_from` weights are loaded into the full model here (before sharding)."""
     from gazelit.lit_module import GazeVLMModule
@@ -267,6 +322,7 @@ def fit(
         resume = resolve_resume(recipe, paths)
         check_fresh_run_dir(resume, paths)
         check_resumable(resume, recipe)
+        check_same_model(resume, recipe)
         if recipe.demo is not None:
             from gazelit.training.demo import ensure_demo_data
 

@@ -152,3 +152,30 @@ def test_a_new_run_refuses_a_run_directory_with_checkpoints_and_a_missing_resume
     assert a.recipe.stat().st_mtime_ns == stamp and not missing_data.exists()  # refused before doing anything
     assert cli([*args, "resume=/nowhere/step=000001.ckpt"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_resume_refuses_a_checkpoint_of_another_model_naming_the_key(runs, demo_data, capsys, caplog):
+    """Resuming with a model value the checkpoint was not trained with (here the demo's change from the
+    tower's features to local ones) stops before anything is built or written, naming the key; keys that
+    only change how attention is computed may differ (logged)."""
+    from gazelit.cli import main as cli
+    from gazelit.training.fit import check_same_model
+
+    a = runs["A"].paths
+    stamp, before = a.recipe.stat().st_mtime_ns, sorted(a.checkpoints.iterdir())
+    overrides = fast_overrides(demo_data, a.root.parent, "A", resume="auto", **{"model.vision.feature_layer": -1})
+    assert cli(["fit", str(DEMO_RECIPE), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "model.vision.feature_layer: 0 in the checkpoint, -1 in the recipe" in err and "init_from=" in err
+    assert a.recipe.stat().st_mtime_ns == stamp and sorted(a.checkpoints.iterdir()) == before
+
+    checkpoint = max(p for p in before if p.suffix == ".ckpt")
+    same = load_recipe(DEMO_RECIPE, fast_overrides(demo_data, a.root.parent, "A"))
+    check_same_model(checkpoint, same)  # the run's own recipe resumes
+    other_impl = load_recipe(DEMO_RECIPE, fast_overrides(demo_data, a.root.parent, "A", **{"model.gaze.impl": "reference"}))
+    with caplog.at_level("WARNING"):
+        check_same_model(checkpoint, other_impl)
+    assert "model.gaze.impl changes from 'auto' to 'reference'" in caplog.text
+    wider = load_recipe(DEMO_RECIPE, fast_overrides(demo_data, a.root.parent, "A", **{"model.gaze.num_context": 3}))
+    with pytest.raises(ValueError, match="model.gaze.num_context: 2 in the checkpoint, 3 in the recipe"):
+        check_same_model(checkpoint, wider)
