@@ -22,7 +22,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from gazelit.drawing import CHAR, LINE, drawable, label_font
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,6 @@ IGNORE_INDEX = -100
 PANEL = 256  # largest panel side (pixels)
 MIN_PANEL = 96  # smallest panel side: many tokens make a wider picture rather than unreadable panels
 WIDTH = 1024  # the canvas width panels share
-CHAR, LINE = 6, 12  # the default font's character width and line height
 MAX_TOKENS = 10
 MAX_UNITS = 4
 
@@ -134,7 +135,7 @@ def draw_routing(
     side = max(MIN_PANEL, min(PANEL, WIDTH // max(1, tokens)))
     counts = selection_counts(trace)
     most = {t: max((n for (ct, _, _), n in counts.items() if ct == t), default=1) for t in range(tokens)}
-    font = ImageFont.load_default()
+    font = label_font()
     width = max(1, tokens) * side
     lines = [w for line in ([title] if isinstance(title, str) else list(title))
              for w in (textwrap.wrap(line, max(20, width // CHAR)) or [""])]  # fmt: skip
@@ -142,7 +143,7 @@ def draw_routing(
     canvas = Image.new("RGB", (width, header + rows * (side + caption)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        draw.text((2, 2 + LINE * i), line, fill=(0, 0, 0), font=font)
+        draw.text((2, 2 + LINE * i), drawable(line), fill=(0, 0, 0), font=font)
     for t in range(tokens):
         for u in range(rows):
             x0, y0 = t * side, header + u * (side + caption)
@@ -163,7 +164,7 @@ def draw_routing(
             canvas.paste(panel, (x0, y0))
             label = repr(trace.tokens[t])[1:-1] if t < len(trace.tokens) else str(t)
             label = label[: max(1, side // CHAR - 1)]
-            draw.text((x0 + 2, y0 + side + 1), label, fill=(0, 0, 0), font=font)
+            draw.text((x0 + 2, y0 + side + 1), drawable(label), fill=(0, 0, 0), font=font)
         if t:
             draw.line([(t * side, header), (t * side, canvas.height)], fill=(255, 255, 255), width=2)
     return canvas

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Layers, lowest first: a module may import its own layer and the layers below, never those above.
 LAYERS = [
-    {"gazelit.schema", "gazelit.shapes", "gazelit.integrity", "gazelit.tokenizer"},
+    {"gazelit.schema", "gazelit.shapes", "gazelit.integrity", "gazelit.tokenizer", "gazelit.drawing"},
     {"gazelit.attention", "gazelit.batch"},
     {"gazelit.models"},
     {"gazelit.datamodules", "gazelit.callbacks"},

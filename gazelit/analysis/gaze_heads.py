@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from gazelit.analysis.comic_strips import Strip
 from gazelit.analysis.probes import RowMapProbe, require_gaze
 from gazelit.attention import TEXT
 
 from gazelit.datamodules.inference import Prompt, PromptEncoder
+from gazelit.drawing import drawable, label_font
 
 
 @dataclass
@@ -146,7 +147,8 @@ def heatmap_png(scores: torch.Tensor, path: str | Path, top: int = 5, cell: int 
     """A layers x heads heatmap (red positive, blue negative, white 0), the `top` heads framed. The title,
     the legend and a colour scale from -1 to 1 lie inside the image, which is as wide as its widest text."""
     layers, heads = scores.shape
-    font = ImageFont.load_default()
+    font = label_font()
+    title = drawable(title)
     legend = ["rows: layers, columns: heads", "framed: the top heads", "colour: score from -1 (blue) to +1 (red)"]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_width = max(measure.textlength(line, font=font) for line in [title, *legend])

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from gazelit.drawing import drawable, label_font
 from gazelit.viewer.data import ViewerData
 
 _HEAT = [(0.0, (0, 0, 4)), (0.35, (120, 28, 109)), (0.65, (237, 105, 37)), (1.0, (252, 255, 164))]
@@ -62,8 +63,8 @@ def still(data: ViewerData, t: int, side: int = 224, layers: list[int] | None = 
     draw = ImageDraw.Draw(canvas)
     where = "all layers" if layers is None else f"layers {layers}"
     who = "all heads" if heads is None else f"heads {heads}"
-    draw.text((gap, 4), f"token {t}: {data.tokens[t]!r}  (k={data.model['k']}, {where}, {who}; left: selected "
-                        f"regions, right: dense attention)", fill="black", font=ImageFont.load_default())
+    draw.text((gap, 4), drawable(f"token {t}: {data.tokens[t]!r}  (k={data.model['k']}, {where}, {who}; left: "
+                                 f"selected regions, right: dense attention)"), fill="black", font=label_font())
     for u, unit in enumerate(data.units):
         x = (u % per_row) * (2 * side + 3 * gap) + gap
         y = caption_h + (u // per_row) * (side + gap)

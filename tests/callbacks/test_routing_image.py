@@ -83,6 +83,22 @@ def test_drawing_outlines_selected_tiles_by_share_and_keeps_the_image_visible():
     assert tuple(picture[header + 1, 1]) == (0, 200, 0)  # the target box outline, top-left corner
 
 
+def test_caption_words_stay_apart_and_any_text_draws():
+    """Each space of a header line is a blank gap as wide as a letter (Pillow's small FreeType default
+    drew 2-pixel spaces: "Whatshape is ..."), and text outside the font's range draws as '?'."""
+    image = np.full((8, 8, 3), 235, dtype=np.uint8)
+    question = "What shape is the green object?"
+    picture = np.asarray(draw_routing([image], trace(), title=[question, "形状は? \ufffd"]))
+    ink = (picture[2:14] < 128).any(axis=(0, 2))  # the first header line's columns with dark pixels
+    columns = np.flatnonzero(ink)
+    blank_runs, run = [], 0
+    for has_ink in ink[columns[0] : columns[-1] + 1]:
+        run = 0 if has_ink else run + 1
+        if run == 5:  # a gap of 5+ blank columns (letters of the label font leave at most 2)
+            blank_runs.append(run)
+    assert len(blank_runs) == question.count(" ")
+
+
 def test_pixels_are_denormalised_with_the_transform_mean_and_std():
     class Transform:
         mean, std = np.array([0.5] * 3), np.array([0.5] * 3)
