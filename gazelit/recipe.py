@@ -194,21 +194,29 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
 
 
+def flat_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as flat `section.key` -> leaf pairs (lists and other values kept as they are)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flat_dict(value, name))
+        else:
+            out[name] = value
+    return out
+
+
 def flat_hparams(recipe: Recipe) -> dict[str, Any]:
     """The recipe as flat `section.key` -> scalar pairs (TensorBoard hparams)."""
-    out: dict[str, Any] = {}
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(value, (list, tuple)):
-            out[prefix] = str(list(value))
-        else:
-            out[prefix] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    def scalar(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return str(list(value))
+        if value is None:
+            return "None"
+        return value if isinstance(value, (int, float, str, bool)) else str(value)
 
-    walk("", to_dict(recipe))
-    return {k: ("None" if v is None else v) for k, v in out.items()}
+    return {k: scalar(v) for k, v in flat_dict(to_dict(recipe)).items()}
 
 
 # ---------------------------------------------------------------------------------------- internals

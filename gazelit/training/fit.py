@@ -38,7 +38,7 @@ from gazelit.callbacks.rng_state import RNGStateCheckpoint
 from gazelit.callbacks.routing_image import RoutingImageLogger
 from gazelit.callbacks.stream_resume import StreamResumeAcrossWorldSizes
 from gazelit.integrity import CheckpointError, atomic_write_text
-from gazelit.recipe import Recipe, RecipeError, check_paths, flat_hparams, resolved_yaml
+from gazelit.recipe import Recipe, RecipeError, check_paths, flat_dict, flat_hparams, resolved_yaml
 from gazelit.training.checkpoints import checked
 from gazelit.training.parallel import build_strategy
 from gazelit.training.run_lock import RunLock, RunLockedError
@@ -173,7 +173,7 @@ def check_same_model(path: Path | None, recipe: Recipe) -> None:
     saved = (checkpoint_metadata(path).get("hyper_parameters") or {}).get("model_config")
     if not isinstance(saved, dict):
         raise RunSetupError(f"resume: {path} holds no model_config in its hyper_parameters; not a gazelit checkpoint?")
-    before, now = _flat(saved), _flat(recipe.model.to_dict())
+    before, now = flat_dict(saved), flat_dict(recipe.model.to_dict())
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key, _MISSING) != now.get(key, _MISSING))
     allowed = [key for key in changed if key in RESUMABLE_MODEL_CHANGES]
     for key in allowed:
@@ -192,18 +192,8 @@ def check_same_model(path: Path | None, recipe: Recipe) -> None:
 _MISSING = object()
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 def _show(value: Any) -> str:
-    return "absent" if value is _MISSING else repr(list(value) if isinstance(value, tuple) else value)
+    return "absent" if value is _MISSING else repr(value)
 
 
 def build_module(recipe: Recipe, resume: Path | None):
