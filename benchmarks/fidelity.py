@@ -30,6 +30,10 @@ then generates answers (greedy) for the held-back test split and reports, per ar
                     also per layer, per layer for "any head", and split by right / wrong answers
     routing_acc     the share of the selected visual tokens inside the object's region (first answer
                     token), with hit_rate_mean, hit_rate_best_head (the best layer x head) and the chances
+    question_gap    per head, the hit rate on the named object minus the hit rate on the board's other
+                    objects (the same questions): a head that selects every object whatever is asked has
+                    gap 0. question_gap_best / _mean, and hit_rate_other_best_head (the best head's hits
+                    on the other objects: against hit_rate_best_head, is it following the question?)
 `--eval-k 0,all` also runs every trained gaze arm at other k (k = 0: the text sees the context tokens and
 no visual token); `--eval-selection static` also runs it with the first answer token's regions kept for
 the whole answer. `accuracy_multi` is the accuracy on questions that name several objects (demo task
@@ -129,6 +133,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     correct: dict[str, list[bool]] = defaultdict(list)
     hits, attended, layer_hits = [], [], defaultdict(list)
     head_hits, head_inside, routed = None, None, 0
+    head_other, head_pairs, compared = None, None, 0  # per head: hits on another object / on the named one
     second_hits: list[float] = []
     multi: list[bool] = []  # answers to questions that name several objects
     hits_by_outcome: dict[bool, list[float]] = {True: [], False: []}
@@ -175,6 +180,13 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
             selected = torch.where(chosen >= 0, sizes0[chosen.clamp(min=0)], 0).sum(-1).clamp(min=1)
             inside = torch.where(chosen == tile, sizes0[tile], 0).sum(-1) / selected  # (layers, heads)
             head_hits = hit if head_hits is None else head_hits + hit
+            others = [target_tile(b, trace.unit_grids[0], trace.region_shape) for b in meta.get("other_boxes") or []]
+            others = [t for t in others if t != tile]
+            if others:  # the same heads' hit rate on the board's other objects: finding objects, not the one asked
+                other = torch.stack([(chosen == t).any(-1).float() for t in others]).mean(0)
+                head_other = other if head_other is None else head_other + other
+                head_pairs = hit if head_pairs is None else head_pairs + hit
+                compared += 1
             head_inside = inside.float() if head_inside is None else head_inside + inside.float()
             routed += 1
             hits_by_outcome[right].append(hit.mean().item())
@@ -216,6 +228,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
         if routed else None,
         hit_rate_mean=round(float(head_hits.mean()) / routed, 4) if routed else None,
         hit_rate_best_head=round(float(head_hits.max()) / routed, 4) if routed else None,
+        **question_following(head_pairs, head_other, compared),
         selection=model.config.gaze.selection,
         # two-object answers: at the token naming the second object, heads whose regions hold it
         second_object_hit_rate=mean(second_hits),
@@ -223,6 +236,25 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
         look_well_formed=mean(look_formed),
         look_iou=mean(look_ious),
         routing_acc_in_spans=mean(look_inside),
+    )
+
+
+def question_following(named, other, n: int) -> dict:
+    """Does routing follow the question or only find objects? Per head, the hit rate on the named object
+    against the hit rate on the board's other objects (same questions): the best head's other-object hit
+    rate, and the largest and mean gap. A head that selects every object, whatever is asked, has gap 0."""
+    if not n:
+        return dict(hit_rate_other_best_head=None, hit_rate_other_mean=None, question_gap_best=None,
+                    question_gap_mean=None, question_gap_questions=0)  # fmt: skip
+    named, other = named / n, other / n
+    best = int(named.flatten().argmax())
+    gap = named - other
+    return dict(
+        hit_rate_other_best_head=round(float(other.flatten()[best]), 4),
+        hit_rate_other_mean=round(float(other.mean()), 4),
+        question_gap_best=round(float(gap.max()), 4),  # the head whose selection follows the question most
+        question_gap_mean=round(float(gap.mean()), 4),
+        question_gap_questions=n,
     )
 
 
@@ -260,8 +292,9 @@ def _tile_size(tile: int, grid: tuple[int, int], region: tuple[int, int]) -> int
 
 def table(rows: list[dict]) -> str:
     head = ("| arm | accuracy (± s.e.) | attended visual entries / query | routing hit rate (chance) "
-            "| hit rate: right / wrong answers | second object hit rate | train time |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+            "| hit rate: right / wrong answers | best head: named / other object | second object hit rate "
+            "| train time |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["eval"]
         chance = "" if e["hit_rate_chance"] is None else f" ({e['hit_rate_chance']:.3f})"
@@ -272,8 +305,10 @@ def table(rows: list[dict]) -> str:
         split = "-" if e["hit_rate"] is None else f"{e['hit_rate_correct_answers']:.3f} / {e['hit_rate_wrong_answers']:.3f}"
         seconds = "-" if r["train_seconds"] != r["train_seconds"] else f"{r['train_seconds']:.0f} s"  # NaN: reused / re-evaluated
         second = "-" if e.get("second_object_hit_rate") is None else f"{e['second_object_hit_rate']:.3f}"
+        other = ("-" if e.get("hit_rate_other_best_head") is None
+                 else f"{e['hit_rate_best_head']:.2f} / {e['hit_rate_other_best_head']:.2f}")  # fmt: skip
         lines.append(f"| {r['arm']} | {e['accuracy']:.3f} ± {e['accuracy_stderr']:.3f} | {entries} | {hit} | {split} "
-                     f"| {second} | {seconds} |")
+                     f"| {other} | {second} | {seconds} |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ Videos: `video_frames` frames at 1 fps, one object per frame (each colour+shape 
   video_when    "In which frame does the red square appear?" -> "frame 3"
   video_colour  "What colour is the shape in frame 2?"       -> "yellow"
 Every record carries "task", "answer" and "target_box" ([x0, y0, x1, y1] in 0..1, the queried object's
-box; videos add "target_frame"), and "boxes" (per answer, the looks at the objects it names, for
+box; videos add "target_frame"), "other_boxes" (images: the board's objects the first answer does not
+name), and "boxes" (per answer, the looks at the objects it names, for
 `model.look`), so routing hit rate and accuracy can be measured. The splits are
 converted with the same converter as real data, so the demo exercises exactly the real code path.
 
@@ -37,6 +38,10 @@ COLOURS = {
     "blue": (40, 80, 220),
     "yellow": (230, 200, 40),
     "purple": (150, 60, 190),
+    # more colours for crowded boards (`colours` > 5): the first five keep earlier data sets reproducible
+    "orange": (240, 130, 20),
+    "cyan": (40, 200, 210),
+    "black": (30, 30, 30),
 }
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (235, 235, 235)
@@ -98,12 +103,13 @@ def cell_name(obj: DemoObject) -> str:
 # ---------------------------------------------------------------------------------------------- tasks
 def image_sample(
     rng: np.random.Generator, grid: int, max_objects: int, questions: int = 1,
-    tasks: tuple[str, ...] = DEFAULT_IMAGE_TASKS,
+    tasks: tuple[str, ...] = DEFAULT_IMAGE_TASKS, min_objects: int = 2, colours: int = 5,
 ) -> tuple[list[DemoObject], list[dict]]:
-    """Objects on one board and `questions` questions, each about one of them (distinct while they last)."""
-    count = int(rng.integers(2, max_objects + 1))
+    """Objects on one board (min_objects..max_objects of them, distinct colours among the first `colours`)
+    and `questions` questions, each about one of them (distinct while they last)."""
+    count = int(rng.integers(min_objects, max_objects + 1))
     cells = rng.choice(grid * grid, size=count, replace=False)
-    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    colours = rng.choice(list(COLOURS)[:colours], size=count, replace=False)
     objects = [
         DemoObject(SHAPES[int(rng.integers(len(SHAPES)))], str(colour), int(cell) // grid, int(cell) % grid)
         for cell, colour in zip(cells, colours)
@@ -227,6 +233,8 @@ def write_split(
     video_format: str = "mp4",
     questions: int = 1,
     tasks: tuple[str, ...] = DEFAULT_IMAGE_TASKS,
+    min_objects: int = 2,
+    colours: int = 5,
 ) -> list[str]:
     """Write `count` records of one split (JSONL + media); returns the split's prompts and answers.
 
@@ -246,7 +254,7 @@ def write_split(
                 record["video"] = write_video(frames, fmt, media_root, f"videos/{split}/{index:06d}")
                 record["target_frame"] = qa["frame"]
             else:
-                objects, turns = image_sample(rng, grid, max_objects, questions, tasks)
+                objects, turns = image_sample(rng, grid, max_objects, questions, tasks, min_objects, colours)
                 qa = turns[0]
                 relative = f"images/{split}/{index:06d}.png"
                 (media_root / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +266,11 @@ def write_split(
                 target_box=object_box(qa["target"], grid),
                 # every object the answer names, in answer order (one for all tasks but shapes_of_two)
                 target_boxes=[object_box(t, grid) for t in qa.get("targets", [qa["target"]])],
+                # the board's other objects: a head that merely finds objects hits these as often as the
+                # named one, so routing that follows the question shows as a gap between the two
+                other_boxes=[] if is_video else [
+                    object_box(o, grid) for o in objects if o not in qa.get("targets", [qa["target"]])
+                ],
                 # look spans for models with model.look (GazeVLM): per answer, each named object's box and
                 # what is there; videos have none (a look names the last unit before it, not a chosen frame)
                 boxes=[None] * len(turns) if is_video else [
@@ -278,6 +291,20 @@ def write_split(
     return texts
 
 
+def check_board(grid: int, min_objects: int, max_objects: int, colours: int, tasks=DEFAULT_IMAGE_TASKS) -> None:
+    """Board settings the generator can honour (every colour at most once per board), or a ValueError
+    naming the setting."""
+    if not 1 <= colours <= len(COLOURS):
+        raise ValueError(f"demo.colours must be in 1..{len(COLOURS)}, got {colours}")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"demo.min_objects must be in 1..max_objects ({max_objects}), got {min_objects}")
+    if max_objects > min(colours, grid * grid):
+        raise ValueError(f"demo.max_objects {max_objects} exceeds the distinct colours ({colours}) or cells "
+                         f"({grid * grid}) of a board")  # fmt: skip
+    if "shapes_of_two" in tasks and min_objects < 2:
+        raise ValueError("demo.min_objects must be >= 2 for shapes_of_two (it names two objects)")
+
+
 def generate_demo_data(
     out: str | Path,
     train: int = 2000,
@@ -295,6 +322,8 @@ def generate_demo_data(
     progress: bool = False,
     train_questions: int = 1,
     tasks: tuple[str, ...] | list[str] = DEFAULT_IMAGE_TASKS,
+    min_objects: int = 2,
+    colours: int = 5,
 ) -> DemoData:
     """Write raw splits under `out/raw`, shards under `out/shards/<split>` and `out/corpus.txt`.
 
@@ -304,8 +333,9 @@ def generate_demo_data(
     unknown = sorted(set(tasks) - set(IMAGE_TASKS))
     if unknown or not tasks:
         raise ValueError(f"unknown image task(s) {unknown}; choose from {IMAGE_TASKS}")
-    if max_objects > len(COLOURS) or video_frames > len(COLOURS) * len(SHAPES):
-        raise ValueError("too many objects for the distinct colours/shapes the questions rely on")
+    check_board(grid, min_objects, max_objects, colours, tasks)
+    if video_frames > len(COLOURS) * len(SHAPES):
+        raise ValueError("too many video frames for the distinct colour/shape pairs the questions rely on")
     root = Path(out)
     media_root = root / "raw" / "media"
     media_root.mkdir(parents=True, exist_ok=True)
@@ -316,7 +346,7 @@ def generate_demo_data(
         jsonl = root / "raw" / f"{split}.jsonl"
         data.corpus += write_split(
             split, count, media_root, jsonl, seed, video_fraction, image_size, grid, max_objects, video_frames,
-            video_format, train_questions if split == "train" else 1, tasks,
+            video_format, train_questions if split == "train" else 1, tasks, min_objects, colours,
         )  # fmt: skip
         shards = root / "shards" / split
         convert(jsonl, media_root, shards, shard_size=shard_size, workers=workers, overwrite=True, progress=progress)
@@ -337,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--grid", type=int, default=4)
     parser.add_argument("--max-objects", type=int, default=4)
+    parser.add_argument("--min-objects", type=int, default=2)
+    parser.add_argument("--colours", type=int, default=5, help=f"colours used, at most {len(COLOURS)}")
     parser.add_argument("--video-frames", type=int, default=6)
     parser.add_argument("--video-format", choices=[*VIDEO_FORMATS, "mixed"], default="mp4")
     parser.add_argument("--seed", type=int, default=0)
@@ -350,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out, args.train, args.val, args.test, args.video_fraction, args.image_size, args.grid,
         args.max_objects, args.video_frames, args.video_format, args.seed, args.shard_size, args.workers,
         progress=True, train_questions=args.train_questions, tasks=args.tasks.split(","),
+        min_objects=args.min_objects, colours=args.colours,
     )  # fmt: skip
     for split, path in data.shards.items():
         print(f"{split}: shards in {path}")

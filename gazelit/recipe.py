@@ -89,6 +89,14 @@ def validate(recipe: Recipe) -> Recipe:
         recipe.train.validate()
     except ValueError as e:
         raise RecipeError(str(e)) from None
+    if recipe.demo is not None:
+        from gazelit.datamodules.demo_data import check_board
+
+        d = recipe.demo
+        try:
+            check_board(d.grid, d.min_objects, d.max_objects, d.colours, tuple(d.tasks))
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
     if recipe.trainer.max_steps <= 0:
         raise RecipeError("trainer.max_steps must be > 0 (the lr and k schedules are defined in steps)")
     if recipe.schedule.shape not in ("linear", "cosine", "step"):

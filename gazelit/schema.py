@@ -371,6 +371,8 @@ class DemoDataConfig:
     image_size: int = 64
     grid: int = 4
     max_objects: int = 4
+    min_objects: int = 2
+    colours: int = 5  # distinct colours drawn from (each at most once per board); up to 8
     train_questions: int = 1  # question turns per training image (val/test images have one)
     tasks: list[str] = field(default_factory=lambda: ["colour_at", "shape_of", "locate"])
     video_fraction: float = 0.0

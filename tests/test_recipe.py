@@ -1,6 +1,7 @@
 """Recipes: extends, overrides, interpolation, and errors naming key, file and closest valid key."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,19 @@ def test_grpo_needs_one_batch_per_step_and_a_reference_for_its_kl(tmp_path):
     with pytest.raises(RecipeError, match="train.grpo.kl > 0 needs init_from"):
         load_recipe(base, ["train.stage=grpo", "train.grpo.kl=0.1"])
     assert load_recipe(base, ["train.stage=grpo", "model.look.bias=-inf"]).model.look.bias == float("-inf")
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("demo.colours=9", "demo.colours"), ("demo.min_objects=5", "demo.min_objects"),
+     ("demo.max_objects=6", "demo.max_objects")],
+)
+def test_demo_boards_the_generator_cannot_draw_are_rejected_naming_the_key(override, key):
+    """Distinct colours per board: more objects than colours (5 by default), or a minimum above the maximum,
+    stop at load time, before any data is generated."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe, [override])
+    assert key in str(error.value) and "\n" not in str(error.value)
+    crowded = load_recipe(recipe, ["demo.colours=8", "demo.min_objects=6", "demo.max_objects=8"])
+    assert (crowded.demo.min_objects, crowded.demo.max_objects, crowded.demo.colours) == (6, 8, 8)

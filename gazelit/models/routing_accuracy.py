@@ -7,7 +7,10 @@ candidate regions, exactly as the attention does):
 
   routing accuracy  the fraction of the selected visual tokens that lie inside the object (the paper's
                     measure, with the box standing in for the segmentation mask);
-  hit rate          whether the selection contains a token of the object.
+  hit rate          whether the selection contains a token of the object;
+  other-object hit  the same heads' hit rate on the board's other objects (records with `other_boxes`): a
+                    head that selects every object, whatever the question names, hits them as often as the
+                    named one, so routing that follows the question shows as the gap between the two.
 
 Chance levels, for the same k and candidates: object tokens / candidate visual tokens (accuracy) and
 1 - C(R - R_obj, k) / C(R, k) (hit rate; R candidate regions, R_obj of them touching the object).
@@ -33,10 +36,14 @@ class RoutingAccuracy:
         self.top_k, self.shared, self.look_close = top_k, shared, look_close
         self.inside: dict[int, torch.Tensor] = {}  # layer -> (heads,) routing accuracy summed over samples
         self.hits: dict[int, torch.Tensor] = {}
+        self.other_hits: dict[int, torch.Tensor] = {}  # layer -> (heads,) other-object hit rate, summed
+        self.paired_hits: dict[int, torch.Tensor] = {}  # the named object's hits on those same samples
+        self.paired = 0
         self.samples = 0
         self.chance_inside = 0.0
         self.chance_hit = 0.0
-        self._targets: list[tuple[int, int, torch.Tensor]] = []  # (sample, query row, object token positions)
+        # (sample, query row, object token positions, each other object's token positions)
+        self._targets: list[tuple[int, int, torch.Tensor, list[torch.Tensor]]] = []
         self.batch: dict | None = None  # set before each forward; targets are found at its first layer
         self._layout = None
 
@@ -65,10 +72,15 @@ class RoutingAccuracy:
             r = torch.arange(rows).repeat_interleave(cols)
             c = torch.arange(cols).repeat(rows)
             cx, cy = (c + 0.5) / cols, (r + 0.5) / rows
-            inside = (cx >= box[0]) & (cx <= box[2]) & (cy >= box[1]) & (cy <= box[3])
-            tokens = unit.start + inside.nonzero().flatten()
+
+            def tokens_in(box):
+                inside = (cx >= box[0]) & (cx <= box[2]) & (cy >= box[1]) & (cy <= box[3])
+                return (unit.start + inside.nonzero().flatten()).to(layout.device)
+
+            tokens = tokens_in(box)
+            others = [t for t in map(tokens_in, meta.get("other_boxes") or []) if t.numel()]
             if tokens.numel():
-                self._targets.append((b, row, tokens.to(layout.device)))
+                self._targets.append((b, row, tokens, others))
         return bool(self._targets)
 
     def __call__(self, *, layer, query, key, layout, q_offset=0, **_) -> None:
@@ -81,7 +93,7 @@ class RoutingAccuracy:
             return
         descriptors = region_descriptors(key, layout)
         sizes = (layout.region_tokens >= 0).sum(-1)  # (B, R)
-        for b, row, obj in self._targets:
+        for b, row, obj, others in self._targets:
             q = query[b, :, row : row + 1]  # (Hq, 1, D)
             available = layout.region_ready[b] <= row  # (R,)
             scores = region_scores(q, descriptors[b])
@@ -95,8 +107,13 @@ class RoutingAccuracy:
             hit = in_obj.any(-1).any(-1).float()
             self.inside[layer] = self.inside.get(layer, 0) + inside.float().cpu()
             self.hits[layer] = self.hits.get(layer, 0) + hit.cpu()
+            if others:
+                other = torch.stack([(torch.isin(tokens, o) & valid).any(-1).any(-1).float() for o in others])
+                self.other_hits[layer] = self.other_hits.get(layer, 0) + other.mean(0).cpu()
+                self.paired_hits[layer] = self.paired_hits.get(layer, 0) + hit.cpu()
             if layer == 0:
                 self.samples += 1
+                self.paired += bool(others)
                 candidates = available & (sizes[b] > 0)
                 region_of = layout.region[b][obj]
                 touching = int(torch.unique(region_of[region_of >= 0]).numel())
@@ -119,6 +136,12 @@ class RoutingAccuracy:
             "hit_rate_mean": float(hits.mean()), "hit_rate_best_head": float(hits.max()),
             "hit_rate_chance": self.chance_hit / self.samples, "samples": float(self.samples),
         }  # fmt: skip
+        if self.paired:  # the best head's hit rate on the other objects, and the largest named-minus-other gap
+            named = torch.stack([self.paired_hits[layer] for layer in layers]) / self.paired
+            other = torch.stack([self.other_hits[layer] for layer in layers]) / self.paired
+            out["hit_rate_other_best_head"] = float(other.flatten()[int(named.flatten().argmax())])
+            out["question_gap_best"] = float((named - other).max())
+            out["question_gap_mean"] = float((named - other).mean())
         for layer in range(hits.shape[0]):
             out[f"routing_acc/layer{layer}"] = float(inside[layer].mean())
             out[f"hit_rate/layer{layer}"] = float(hits[layer].mean())

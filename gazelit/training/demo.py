@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "corpus.txt"  # generate_demo_data writes it last
 SETTINGS_FILE = "demo_settings.json"  # the generation settings, to refuse data made with other ones
-# bumped when the generator writes different records for the same settings (2: the `boxes` of look spans)
-RECORDS_VERSION = 2
+# bumped when the generator writes different records for the same settings (2: the `boxes` of look spans;
+# 3: `other_boxes`)
+RECORDS_VERSION = 3
 
 
 def demo_data_ready(out: str | Path) -> bool:
@@ -73,6 +74,7 @@ def ensure_demo_data(config: Any, wait_s: float = 1800.0) -> Path:
         staging, train=config.train, val=config.val, test=config.test, video_fraction=config.video_fraction,
         image_size=config.image_size, grid=config.grid, max_objects=config.max_objects, seed=config.seed,
         shard_size=config.shard_size, train_questions=config.train_questions, tasks=config.tasks,
+        min_objects=config.min_objects, colours=config.colours,
     )  # fmt: skip
     (staging / SETTINGS_FILE).write_text(json.dumps(_settings(config), indent=2))
     try:

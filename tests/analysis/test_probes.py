@@ -110,3 +110,33 @@ def test_with_look_spans_routing_is_measured_at_the_query_after_the_looks():
         probe.prepare(batch, model.embed(batch)[1])
         rows[close] = probe._targets[0][1]
     assert rows[None] == 19 and rows[t.close] == 20 + 6
+
+
+def test_other_object_hits_are_the_same_heads_hits_on_the_boards_other_objects():
+    """With k = 1 and the other three quadrants as the board's other objects, each head hits exactly one of
+    the four: its other-object hit rate is (1 - its named hit) / 3, and the gap follows from that."""
+    from gazelit.models.routing_accuracy import RoutingAccuracy
+
+    model = tiny_vlm(top_k=1, m=0, region=(2, 2))
+    batch = make_batch(model, [[("text", 2), ("image",), ("text", 5)]])
+    batch["labels"][0, :20] = -100
+    quadrants = [[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]]
+    for named in range(4):
+        batch["meta"] = [{"target_box": quadrants[named], "other_boxes": quadrants[:named] + quadrants[named + 1 :]}]
+        probe = RoutingAccuracy(top_k=1)
+        probe.batch = batch
+        with torch.no_grad():
+            model(batch, probe=probe)
+        m = probe.metrics()
+        hits = torch.stack([probe.hits[layer] for layer in sorted(probe.hits)])
+        others = torch.stack([probe.other_hits[layer] for layer in sorted(probe.other_hits)])
+        assert torch.allclose(others, (1 - hits) / 3)
+        best = float(hits.max())
+        assert abs(m["hit_rate_other_best_head"] - (1 - best) / 3) < 1e-6
+        assert abs(m["question_gap_best"] - float((hits - (1 - hits) / 3).max())) < 1e-6
+    batch["meta"] = [{"target_box": quadrants[0]}]  # no other_boxes: nothing to compare, no key
+    probe = RoutingAccuracy(top_k=1)
+    probe.batch = batch
+    with torch.no_grad():
+        model(batch, probe=probe)
+    assert "question_gap_best" not in probe.metrics()

@@ -7,7 +7,7 @@ import re
 
 from PIL import Image
 
-from gazelit.datamodules.demo_data import COLOURS, SHAPES, generate_demo_data
+from gazelit.datamodules.demo_data import BACKGROUND, COLOURS, SHAPES, generate_demo_data
 from gazelit.datamodules.manifest import Manifest
 from gazelit.datamodules.media import decode_gif_frames, decode_image, decode_video_frames
 
@@ -48,6 +48,14 @@ def test_questions_answers_and_target_boxes_agree_with_the_pixels(demo):
         if "image" in record:
             kinds["image"] += 1
             image = decode_image((demo.media_root / record["image"]).read_bytes())
+            # the other objects' boxes hold the rest of the board's shapes, and every cell is one of them
+            named = record["target_boxes"] + record["other_boxes"]
+            assert len({tuple(b) for b in named}) == len(named)
+            occupied = {
+                (r, c) for r in range(4) for c in range(4)
+                if image.getpixel((int((c + 0.5) * image.size[0] / 4), int((r + 0.5) * image.size[0] / 4))) != BACKGROUND
+            }
+            assert occupied == {(int(b[1] * 4), int(b[0] * 4)) for b in named}, record["id"]
         else:
             kinds["video"] += 1
             image = video_frame(demo.media_root / record["video"], record["target_frame"])
@@ -90,3 +98,23 @@ def test_two_object_questions_name_both_objects_in_answer_order(tmp_path):
         for colour, (x0, y0, x1, y1) in zip((first, second), record["target_boxes"]):
             centre = image.getpixel((int((x0 + x1) / 2 * image.size[0]), int((y0 + y1) / 2 * image.size[1])))
             assert max(abs(a - b) for a, b in zip(centre, COLOURS[colour])) < 40, record["id"]
+
+
+def test_crowded_boards_draw_every_object_in_its_own_colour(tmp_path):
+    """min_objects / colours: 6-8 objects from 8 colours, each drawn where its box says, all named."""
+    data = generate_demo_data(tmp_path / "d", train=40, val=0, test=0, video_fraction=0.0, shard_size=20,
+                              tasks=["shape_of"], min_objects=6, max_objects=8, colours=8)  # fmt: skip
+    counts, used = set(), set()
+    for record in records(data.jsonl["train"]):
+        boxes = record["target_boxes"] + record["other_boxes"]
+        counts.add(len(boxes))
+        image = decode_image((data.media_root / record["image"]).read_bytes())
+        named = colour_named(record["conversations"][0]["value"])
+        used.add(named)
+        x0, y0, x1, y1 = record["target_box"]
+        centre = image.getpixel((int((x0 + x1) / 2 * image.size[0]), int((y0 + y1) / 2 * image.size[1])))
+        assert max(abs(a - b) for a, b in zip(centre, COLOURS[named])) < 40, record["id"]
+        for x0, y0, x1, y1 in boxes:
+            assert image.getpixel((int((x0 + x1) / 2 * 64), int((y0 + y1) / 2 * 64))) != BACKGROUND
+    assert counts <= {6, 7, 8} and len(counts) > 1
+    assert used - set(list(COLOURS)[:5])  # the added colours are asked about too
