@@ -43,4 +43,6 @@ def test_two_ranks_load_a_1b_model_shard_by_shard_and_give_the_unsharded_logits(
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert not result["meta"]
         assert result["local_elements"] < 0.55 * params  # each rank holds about half
-        torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-5)
+        # The ranks run their matmuls under other thread counts than this process, so float32 sums come in
+        # another order: 19 layers leave differences near 1e-5. A wrong or missing shard moves logits by O(1).
+        torch.testing.assert_close(result["logits"], expected, rtol=1e-4, atol=1e-4)
