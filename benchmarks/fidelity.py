@@ -33,7 +33,13 @@ then generates answers (greedy) for the held-back test split and reports, per ar
     question_gap    per head, the hit rate on the named object minus the hit rate on the board's other
                     objects (the same questions): a head that selects every object whatever is asked has
                     gap 0. question_gap_best / _mean, and hit_rate_other_best_head (the best head's hits
-                    on the other objects: against hit_rate_best_head, is it following the question?)
+                    on the other objects: against hit_rate_best_head, is it following the question?),
+                    and question_gap_best_by_layer
+    at_name         the same routing measures (a teacher-forced pass with gazelit's RoutingAccuracy probe)
+                    at the query of the question's last word naming the object ("What shape is the red
+                    object?": at "red"). A causal LM can look the object up there and carry what it saw
+                    to the answer, and in the first layer the answer token's query cannot depend on the
+                    question at all
 `--eval-k 0,all` also runs every trained gaze arm at other k (k = 0: the text sees the context tokens and
 no visual token); `--eval-selection static` also runs it with the first answer token's regions kept for
 the whole answer. `accuracy_multi` is the accuracy on questions that name several objects (demo task
@@ -120,6 +126,7 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     from gazelit.attention.look import box_iou
     from gazelit.batch import answer_prompts
     from gazelit.models.gaze_vlm import GazeVLM
+    from gazelit.models.routing_accuracy import RoutingAccuracy
 
     model = GazeVLM.from_pretrained(model_dir).eval()
     # the recipe's target k, wherever the schedule stopped, unless another is asked for
@@ -141,7 +148,14 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
     per_unit = model.visual_grid[0] * model.visual_grid[1]
     looks = model.look_tokens is not None
     look_formed, look_ious, look_inside = [], [], []
+    probe = None
+    if model.gaze_enabled and model.top_k:
+        close = model.look_tokens.close if looks else None
+        probe = RoutingAccuracy(model.top_k, model.config.gaze.shared_gqa, look_close=close, tokenizer=model.tokenizer)
     for batch in data.test_dataloader():
+        if probe is not None:  # teacher-forced: routing at the question's words that name the object
+            probe.batch = batch
+            model(batch, probe=probe)
         outputs = model.generate_from_batch(answer_prompts(batch, model.tokenizer.pad_token_id),
                                             max_new_tokens=24 if looks else 6)  # fmt: skip
         for meta, out in zip(batch["meta"], outputs):
@@ -236,7 +250,22 @@ def evaluate(model_dir: Path, recipe, batch_size: int = 32, k: object = "recipe"
         look_well_formed=mean(look_formed),
         look_iou=mean(look_ious),
         routing_acc_in_spans=mean(look_inside),
+        at_name=at_name_summary(probe.metrics() if probe is not None else {}),
     )
+
+
+def at_name_summary(metrics: dict) -> dict | None:
+    """The probe's routing at the question's words naming the object, rounded; None where not measured."""
+    named = {k.removeprefix("at_name/"): v for k, v in metrics.items() if k.startswith("at_name/")}
+    if not named:
+        return None
+    keys = ("routing_acc", "routing_acc_chance", "hit_rate_mean", "hit_rate_best_head", "hit_rate_chance",
+            "hit_rate_other_best_head", "question_gap_best", "question_gap_mean", "samples")  # fmt: skip
+    out = {k: round(named[k], 4) for k in keys if k in named}
+    layers = sorted(int(k.split("layer")[1]) for k in named if k.startswith("question_gap/layer"))
+    out["question_gap_best_by_layer"] = [round(named[f"question_gap/layer{i}"], 4) for i in layers] or None
+    out["phrase_not_found"] = int(named.get("phrase_not_found", 0))
+    return out
 
 
 def question_following(named, other, n: int) -> dict:
@@ -245,7 +274,7 @@ def question_following(named, other, n: int) -> dict:
     rate, and the largest and mean gap. A head that selects every object, whatever is asked, has gap 0."""
     if not n:
         return dict(hit_rate_other_best_head=None, hit_rate_other_mean=None, question_gap_best=None,
-                    question_gap_mean=None, question_gap_questions=0)  # fmt: skip
+                    question_gap_mean=None, question_gap_questions=0, question_gap_best_by_layer=None)  # fmt: skip
     named, other = named / n, other / n
     best = int(named.flatten().argmax())
     gap = named - other
@@ -255,6 +284,9 @@ def question_following(named, other, n: int) -> dict:
         question_gap_best=round(float(gap.max()), 4),  # the head whose selection follows the question most
         question_gap_mean=round(float(gap.mean()), 4),
         question_gap_questions=n,
+        # per layer, its best head's gap. Layer 0 cannot follow the question: its query at the first
+        # answer token is computed from that one prompt token, the same for every question.
+        question_gap_best_by_layer=[round(float(g), 4) for g in gap.max(dim=-1).values],
     )
 
 
@@ -292,9 +324,9 @@ def _tile_size(tile: int, grid: tuple[int, int], region: tuple[int, int]) -> int
 
 def table(rows: list[dict]) -> str:
     head = ("| arm | accuracy (± s.e.) | attended visual entries / query | routing hit rate (chance) "
-            "| hit rate: right / wrong answers | best head: named / other object | second object hit rate "
-            "| train time |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "| hit rate: right / wrong answers | best head: named / other object "
+            "| at the question's naming word: best head named / other | second object hit rate | train time |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["eval"]
         chance = "" if e["hit_rate_chance"] is None else f" ({e['hit_rate_chance']:.3f})"
@@ -307,8 +339,11 @@ def table(rows: list[dict]) -> str:
         second = "-" if e.get("second_object_hit_rate") is None else f"{e['second_object_hit_rate']:.3f}"
         other = ("-" if e.get("hit_rate_other_best_head") is None
                  else f"{e['hit_rate_best_head']:.2f} / {e['hit_rate_other_best_head']:.2f}")  # fmt: skip
+        named = e.get("at_name") or {}
+        at_name = ("-" if named.get("hit_rate_other_best_head") is None
+                   else f"{named['hit_rate_best_head']:.2f} / {named['hit_rate_other_best_head']:.2f}")  # fmt: skip
         lines.append(f"| {r['arm']} | {e['accuracy']:.3f} ± {e['accuracy_stderr']:.3f} | {entries} | {hit} | {split} "
-                     f"| {other} | {second} | {seconds} |")
+                     f"| {other} | {at_name} | {second} | {seconds} |")
     return "\n".join(lines)
 
 

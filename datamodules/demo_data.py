@@ -10,10 +10,11 @@ colour at most once per image). Every question is about one object and needs loo
 Videos: `video_frames` frames at 1 fps, one object per frame (each colour+shape once per video):
   video_when    "In which frame does the red square appear?" -> "frame 3"
   video_colour  "What colour is the shape in frame 2?"       -> "yellow"
-Every record carries "task", "answer" and "target_box" ([x0, y0, x1, y1] in 0..1, the queried object's
-box; videos add "target_frame"), "other_boxes" (images: the board's objects the first answer does not
-name), and "boxes" (per answer, the looks at the objects it names, for
-`model.look`), so routing hit rate and accuracy can be measured. The splits are
+Every record carries "task", "answer", "target_box" ([x0, y0, x1, y1] in 0..1, the queried object's
+box; videos add "target_frame"), "target_phrase" (the question's words that name that object: "red",
+"row 2, column 3"), "other_boxes" (images: the board's objects the first answer does not name), and
+"boxes" (per answer, the looks at the objects it names, for `model.look`), so routing hit rate and
+accuracy can be measured. The splits are
 converted with the same converter as real data, so the demo exercises exactly the real code path.
 
     python -m gazelit.datamodules.demo_data --out DIR [--train 2000 --val 200 --test 200 --video-fraction 0.2]
@@ -131,17 +132,19 @@ def image_question(
     where = cell_name(target)
     targets = [target]
     if task == "colour_at":
-        question, answer = f"What colour is the shape in {where}?", target.colour
+        question, answer, phrase = f"What colour is the shape in {where}?", target.colour, where
     elif task == "shape_of":
-        question, answer = f"What shape is the {target.colour} object?", target.shape
+        question, answer, phrase = f"What shape is the {target.colour} object?", target.shape, target.colour
     elif task == "shapes_of_two":
         if second is None or second == target:
             raise ValueError("shapes_of_two needs a second object on the board")
         question = f"What shapes are the {target.colour} and the {second.colour} objects?"
-        answer, targets = f"{target.shape} and {second.shape}", [target, second]
+        answer, targets, phrase = f"{target.shape} and {second.shape}", [target, second], target.colour
     else:
-        question, answer = f"Where is the {target.colour} {target.shape}?", where
-    return {"task": task, "question": question, "answer": answer, "target": target, "targets": targets}
+        phrase = f"{target.colour} {target.shape}"
+        question, answer = f"Where is the {phrase}?", where
+    return {"task": task, "question": question, "answer": answer, "target": target, "targets": targets,
+            "phrase": phrase}  # fmt: skip
 
 
 def video_sample(rng: np.random.Generator, grid: int, frames: int) -> tuple[list[DemoObject], dict]:
@@ -154,11 +157,14 @@ def video_sample(rng: np.random.Generator, grid: int, frames: int) -> tuple[list
     target = objects[target_frame]
     task = VIDEO_TASKS[int(rng.integers(len(VIDEO_TASKS)))]
     if task == "video_when":
-        question = f"In which frame does the {target.colour} {target.shape} appear?"
+        phrase = f"{target.colour} {target.shape}"
+        question = f"In which frame does the {phrase} appear?"
         answer = f"frame {target_frame + 1}"
     else:
-        question, answer = f"What colour is the shape in frame {target_frame + 1}?", target.colour
-    return objects, {"task": task, "question": question, "answer": answer, "target": target, "frame": target_frame}
+        phrase = f"frame {target_frame + 1}"
+        question, answer = f"What colour is the shape in {phrase}?", target.colour
+    return objects, {"task": task, "question": question, "answer": answer, "target": target, "frame": target_frame,
+                     "phrase": phrase}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- media
@@ -264,6 +270,8 @@ def write_split(
                 task=qa["task"],
                 answer=qa["answer"],
                 target_box=object_box(qa["target"], grid),
+                # the question's words that name that object: routing is also measured at their last token
+                target_phrase=qa["phrase"],
                 # every object the answer names, in answer order (one for all tasks but shapes_of_two)
                 target_boxes=[object_box(t, grid) for t in qa.get("targets", [qa["target"]])],
                 # the board's other objects: a head that merely finds objects hits these as often as the

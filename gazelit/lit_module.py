@@ -224,12 +224,14 @@ class GazeVLMModule(L.LightningModule):
 
         k = self.model.top_k
         close = self.model.look_tokens.close if self.model.look_tokens is not None else None
-        self._routing = (RoutingAccuracy(k, self.model.config.gaze.shared_gqa, look_close=close)
+        self._routing = (RoutingAccuracy(k, self.model.config.gaze.shared_gqa, look_close=close,
+                                         tokenizer=self.model.tokenizer)
                          if self.model.gaze_enabled and k else None)  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
-        """Routing accuracy and hit rates at the first answer token, against the data's object boxes
-        (gazelit.models.routing_accuracy); logged where the validation data has boxes."""
+        """Routing accuracy and hit rates at the first answer token and (val/at_name/...) at the question's
+        words naming the object, against the data's object boxes (gazelit.models.routing_accuracy); logged
+        where the validation data has boxes."""
         routing = getattr(self, "_routing", None)
         if routing is not None:
             for name, value in routing.metrics().items():

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 COMPLETE_MARKER = "corpus.txt"  # generate_demo_data writes it last
 SETTINGS_FILE = "demo_settings.json"  # the generation settings, to refuse data made with other ones
 # bumped when the generator writes different records for the same settings (2: the `boxes` of look spans;
-# 3: `other_boxes`)
-RECORDS_VERSION = 3
+# 3: `other_boxes`; 4: `target_phrase`)
+RECORDS_VERSION = 4
 
 
 def demo_data_ready(out: str | Path) -> bool:

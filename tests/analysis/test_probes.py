@@ -1,5 +1,7 @@
 """Dense attention maps from the probe hook equal the attention weights of the equivalent dense model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,7 +110,7 @@ def test_with_look_spans_routing_is_measured_at_the_query_after_the_looks():
     for close in (None, t.close):
         probe = RoutingAccuracy(top_k=1, look_close=close)
         probe.prepare(batch, model.embed(batch)[1])
-        rows[close] = probe._targets[0][1]
+        rows[close] = probe._targets[0].answer_row
     assert rows[None] == 19 and rows[t.close] == 20 + 6
 
 
@@ -128,15 +130,100 @@ def test_other_object_hits_are_the_same_heads_hits_on_the_boards_other_objects()
         with torch.no_grad():
             model(batch, probe=probe)
         m = probe.metrics()
-        hits = torch.stack([probe.hits[layer] for layer in sorted(probe.hits)])
-        others = torch.stack([probe.other_hits[layer] for layer in sorted(probe.other_hits)])
+        hits = torch.stack([probe.at_answer.hits[layer] for layer in sorted(probe.at_answer.hits)])
+        others = torch.stack([probe.at_answer.other_hits[layer] for layer in sorted(probe.at_answer.other_hits)])
         assert torch.allclose(others, (1 - hits) / 3)
         best = float(hits.max())
         assert abs(m["hit_rate_other_best_head"] - (1 - best) / 3) < 1e-6
         assert abs(m["question_gap_best"] - float((hits - (1 - hits) / 3).max())) < 1e-6
+        for layer in range(hits.shape[0]):  # per layer, that layer's best head
+            assert abs(m[f"question_gap/layer{layer}"] - float((hits[layer] - (1 - hits[layer]) / 3).max())) < 1e-6
     batch["meta"] = [{"target_box": quadrants[0]}]  # no other_boxes: nothing to compare, no key
     probe = RoutingAccuracy(top_k=1)
     probe.batch = batch
     with torch.no_grad():
         model(batch, probe=probe)
     assert "question_gap_best" not in probe.metrics()
+
+
+def test_fidelity_question_following_compares_each_head_with_itself_and_reports_each_layer():
+    """benchmarks/fidelity.py's summary: the best head is chosen by its named-object hits, its other-object
+    hits are reported beside them, and each layer's gap is its own best head's."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "fidelity.py"
+    spec = importlib.util.spec_from_file_location("fidelity", script)
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    named = torch.tensor([[8.0, 2.0], [4.0, 6.0]])  # (layers, heads) hits summed over 10 questions
+    other = torch.tensor([[8.0, 0.0], [1.0, 6.0]])
+    out = fidelity.question_following(named, other, 10)
+    assert out["hit_rate_other_best_head"] == 0.8  # layer 0 head 0: finds every object
+    assert out["question_gap_best"] == 0.3  # layer 1 head 0 follows the question
+    assert out["question_gap_best_by_layer"] == [0.2, 0.3]
+    assert out["question_gap_mean"] == round((0.0 + 0.2 + 0.3 + 0.0) / 4, 4)
+    assert fidelity.question_following(None, None, 0)["question_gap_best_by_layer"] is None
+
+
+def test_routing_at_the_questions_naming_word_is_the_answer_measure_taken_at_that_row():
+    """With `target_phrase` and the tokenizer, the probe also measures the query at the phrase's last token
+    (its last occurrence before the answer): the same numbers as a probe whose answer starts right after
+    that token. Without the tokenizer, or where the phrase is absent, there is no at_name measure."""
+    from gazelit.models.routing_accuracy import RoutingAccuracy
+
+    model = tiny_vlm(top_k=1, m=0, region=(2, 2))
+    batch = make_batch(model, [[("text", 2), ("image",), ("text", 8)]])  # text rows 18..25
+    phrase = model.tokenizer(" red", add_special_tokens=False)["input_ids"]
+    batch["input_ids"][0, 0] = phrase[-1]  # an earlier occurrence (before the image): not the one measured
+    batch["input_ids"][0, 19 : 19 + len(phrase)] = torch.tensor(phrase)
+    name_row = 19 + len(phrase) - 1
+    batch["labels"][0, :24] = -100  # answer at 24, predicted by row 23
+    quadrants = [[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]]
+    batch["meta"] = [{"target_box": quadrants[1], "other_boxes": [quadrants[0], quadrants[3]], "target_phrase": "red"}]
+    probe = RoutingAccuracy(top_k=1, tokenizer=model.tokenizer)
+    probe.batch = batch
+    with torch.no_grad():
+        model(batch, probe=probe)
+    assert probe._targets[0].name_row == name_row and probe._targets[0].answer_row == 23
+    twin = RoutingAccuracy(top_k=1)  # the answer measure, taken at the phrase's row
+    twin_batch = dict(batch, labels=batch["labels"].clone())
+    twin_batch["labels"][0, : name_row + 1] = -100
+    twin_batch["labels"][0, name_row + 1 :] = batch["input_ids"][0, name_row + 1 :]
+    twin.batch = twin_batch
+    with torch.no_grad():
+        model(twin_batch, probe=twin)
+    assert twin._targets[0].answer_row == name_row
+    m, expected = probe.metrics(), twin.metrics()
+    for key in ("routing_acc", "hit_rate_best_head", "hit_rate_other_best_head", "question_gap_best", "hit_rate_chance"):
+        assert m[f"at_name/{key}"] == pytest.approx(expected[key])
+    for tokenizer, meta_phrase in ((None, "red"), (model.tokenizer, "blue")):
+        batch["meta"][0]["target_phrase"] = meta_phrase
+        other = RoutingAccuracy(top_k=1, tokenizer=tokenizer)
+        other.batch = batch
+        with torch.no_grad():
+            model(batch, probe=other)
+        keys = other.metrics()
+        assert "hit_rate_mean" in keys and not any(k.startswith("at_name/hit") for k in keys)
+        assert keys.get("at_name/phrase_not_found") == (1.0 if tokenizer is not None else None)
+
+
+def test_video_routing_is_measured_in_the_target_frames_unit():
+    """A video record's box is in the frame `target_frame` names, mapped through the sampled frame_indices;
+    a frame that was not sampled gives no measurement."""
+    from gazelit.models.routing_accuracy import RoutingAccuracy
+
+    model = tiny_vlm(top_k=1, m=0, region=(2, 2))
+    batch = make_batch(model, [[("text", 2), ("video", 2), ("text", 5)]])
+    layout = model.embed(batch)[1]
+    units = layout.samples[0].units
+    answer = int(layout.samples[0].valid[1]) - 3
+    batch["labels"][0, :answer] = -100
+    for frame_indices, target_frame, unit in (([0, 4], 4, 1), ([0, 4], 0, 0), (None, 1, 1), ([0, 4], 2, None)):
+        batch["meta"] = [{"target_box": [0, 0, 0.5, 0.5], "target_frame": target_frame, "frame_indices": frame_indices}]
+        probe = RoutingAccuracy(top_k=1)
+        found = probe.prepare(batch, layout)
+        if unit is None:
+            assert not found
+            continue
+        start = units[unit].start
+        assert probe._targets[0].tokens.tolist() == [start, start + 1, start + 4, start + 5]

@@ -64,6 +64,15 @@ def test_questions_answers_and_target_boxes_agree_with_the_pixels(demo):
         expected_colour = colour_named(answer if record["task"] in ("colour_at", "video_colour") else question)
         assert max(abs(a - b) for a, b in zip(centre, COLOURS[expected_colour])) < 40, record["id"]
         cell = (int(y0 * 4) + 1, int(x0 * 4) + 1)  # 4x4 grid: (row, column), 1-based
+        # the question's words naming the target (routing is also measured at them)
+        phrase = record["target_phrase"]
+        assert phrase in question, record["id"]
+        if record["task"] == "colour_at":
+            assert phrase == f"row {cell[0]}, column {cell[1]}"
+        elif record["task"] == "video_colour":
+            assert phrase == f"frame {record['target_frame'] + 1}"
+        else:  # shape_of, locate, video_when: the target's colour (checked against the pixels above) first
+            assert phrase.split()[0] == expected_colour
         if record["task"] == "locate":
             assert answer == f"row {cell[0]}, column {cell[1]}"
         elif record["task"] == "colour_at":

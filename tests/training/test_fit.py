@@ -58,7 +58,8 @@ def test_run_directory_holds_recipe_checkpoints_logs_picture_and_model(runs):
     assert result.routing_picture == p.routing / "step=000004.png" and (p.routing / "latest.png").is_file()
     assert (p.model / "model.safetensors").is_file()
     # validation at k = 4 on demo data, whose records carry the object's box: routing metrics with chance
-    assert {"val/answer_acc", "val/routing_acc", "val/hit_rate_best_head", "val/hit_rate_chance"} <= set(result.metrics)
+    assert {"val/answer_acc", "val/routing_acc", "val/hit_rate_best_head", "val/hit_rate_chance",
+            "val/at_name/hit_rate_best_head"} <= set(result.metrics)  # and at the question's naming words
     assert 0 < result.metrics["val/hit_rate_chance"] < 1
     summary = result.summary()
     for path in (p.root, p.checkpoints, p.tensorboard, result.routing_picture, p.model):
