@@ -3,7 +3,10 @@
 Every `every_n_steps` optimiser steps (and when training ends) the model generates an answer for the
 same validation sample with routing traced, and the callback draws one panel per generated token: the
 sample's image with every region shaded by how many (layer, head) pairs selected it for that token, the
-queried object's box (from the sample's meta) outlined in green. The picture goes to TensorBoard
+queried object's box (from the sample's meta) outlined in green. Where the sample's meta gives the
+question's words naming the object (`target_phrase`), a first panel, labelled "@<phrase>", shows the
+selection of the query at the phrase's last token: a causal LM can look the object up there and carry it
+to the answer. The picture goes to TensorBoard
 (`add_image`) and to `<out_dir>/step=NNNNNN.png`, with a copy at `<out_dir>/latest.png`.
 
 The sample is the first one of the validation stream read as rank 0 of 1, so every rank builds the same
@@ -14,6 +17,7 @@ so that transformers keeps the ranks' decode loops in step); rank 0 draws.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import textwrap
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from gazelit.drawing import CHAR, LINE, drawable, label_font
+from gazelit.models.routing_accuracy import last_phrase_end, phrase_spellings
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,22 @@ def _mean_std(transform: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     return np.asarray(mean, dtype=np.float32).reshape(-1), np.asarray(std, dtype=np.float32).reshape(-1)
 
 
+def prepend_step(first: Any, rest: Any, label: str) -> Any:
+    """A RoutingTrace whose step 0 is `first`'s single step (labelled `label`) followed by `rest`'s steps."""
+    kk = max(first.region.shape[-1], rest.region.shape[-1])
+
+    def joined(name: str, fill: float) -> torch.Tensor:
+        a, b = getattr(first, name), getattr(rest, name)
+        pad = lambda t: torch.nn.functional.pad(t, (0, kk - t.shape[-1]), value=fill)  # noqa: E731
+        return torch.cat([pad(a[:1]), pad(b)])
+
+    looks = [dataclasses.replace(look, start=look.start + 1, end=None if look.end is None else look.end + 1)
+             for look in rest.looks]  # fmt: skip
+    return dataclasses.replace(rest, region=joined("region", -1), score=joined("score", float("-inf")),
+                               unit=joined("unit", -1), tile=joined("tile", -1), tokens=[label, *rest.tokens],
+                               looks=looks)  # fmt: skip
+
+
 def selection_counts(trace: Any) -> dict[tuple[int, int, int], int]:
     """(token, unit, tile) -> number of (layer, head) pairs that selected that tile for that token."""
     counts: dict[tuple[int, int, int], int] = {}
@@ -170,6 +191,15 @@ def draw_routing(
     return canvas
 
 
+def trace_at_phrase(model: Any, prompt: dict[str, Any], phrase: str | None) -> Any:
+    """The one-step routing trace of the prompt's query at the phrase's last token (None: no phrase, not
+    found, or nothing routed there)."""
+    if not phrase or not model.gaze_enabled:
+        return None
+    row = last_phrase_end(prompt["input_ids"][0], phrase_spellings(model.tokenizer, phrase))
+    return None if row is None else model.trace_row(prompt, row)
+
+
 # ---------------------------------------------------------------------------------------------- callback
 class RoutingImageLogger(L.Callback):
     """Draws the routing of one fixed validation sample every `every_n_steps` steps and at the end."""
@@ -211,10 +241,14 @@ class RoutingImageLogger(L.Callback):
         pl_module.eval()
         try:
             output = pl_module.model.generate_from_batch(batch, max_new_tokens=self.max_new_tokens, trace=True)[0]
+            at_phrase = trace_at_phrase(pl_module.model, batch, meta.get("target_phrase"))  # every rank: same forwards
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero or output.trace is None:
             return None
+        trace = output.trace
+        if at_phrase is not None:
+            trace = prepend_step(at_phrase, trace, f"@{meta['target_phrase']}")
         transform = getattr(trainer.datamodule, "image_transform", None)
         images = [to_rgb(p, transform) for p in prompt["pixel_values"]]
         k = pl_module.model.top_k
@@ -224,9 +258,11 @@ class RoutingImageLogger(L.Callback):
             f"expected {expected!r}, generated {output.text!r}",
             (f"step {trainer.global_step}, k={'all' if k is None else k}: per generated token, red = regions most "
              "layer x head pairs selected (tint: how many); green = the object asked about"),
+            (f"first panel '@{meta['target_phrase']}': the selection at the question's word naming the object"
+             if at_phrase is not None else ""),
         ]  # fmt: skip
         title = [line for line in title if line]
-        picture = draw_routing(images, output.trace, meta.get("target_box"), title)
+        picture = draw_routing(images, trace, meta.get("target_box"), title)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step={trainer.global_step:06d}.png"
         picture.save(path)

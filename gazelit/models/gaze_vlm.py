@@ -41,6 +41,7 @@ from gazelit.attention import (
     LookSet,
     LookTokens,
     RegionShape,
+    TEXT,
     RoutingRecord,
     use_gaze,
 )
@@ -455,6 +456,37 @@ class GazeVLM(nn.Module):
             region=region, score=score, unit=unit, tile=tile,
             unit_grids=[u.grid for u in info.units], region_shape=(shape.h, shape.w, shape.t),
         )
+
+    @torch.no_grad()
+    def trace_row(self, batch: dict, row: int, sample: int = 0) -> RoutingTrace | None:
+        """The regions every layer and head select (at the model's k) for the query at `row` of a full
+        forward of `batch`, as a one-step RoutingTrace of `sample`: e.g. at the prompt's word that names an
+        object, which generation traces do not cover. None where that row routes nothing (not a text row,
+        or no region before it)."""
+        from gazelit.attention.routing import region_descriptors, region_scores, select_regions
+
+        records: list[RoutingRecord] = []
+        state: dict = {}
+
+        def probe(*, layer, query, key, layout, q_offset=0, **_):
+            state["layout"] = layout
+            if q_offset or int(layout.kind[sample, row]) != TEXT:
+                return
+            available = layout.region_ready[sample] <= row
+            if not bool(available.any()):
+                return
+            scores = region_scores(query[sample, :, row : row + 1], region_descriptors(key, layout, sample))
+            idx, chosen = select_regions(scores, available, self.top_k, key.shape[1], shared=self.config.gaze.shared_gqa)
+            indices = idx.new_full((layout.batch_size, *idx[:, 0].shape), -1)
+            indices[sample] = idx[:, 0]  # (B, Hq, kk) as the decode records are; only `sample` is filled
+            values = chosen.new_zeros(indices.shape)
+            values[sample] = chosen[:, 0]
+            records.append(RoutingRecord(layer, row, indices, values))
+
+        self(batch, probe=probe)
+        if len(records) != self.llm.config.num_hidden_layers:
+            return None
+        return self._trace(records, state["layout"], sample, None)
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:

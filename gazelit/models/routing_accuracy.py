@@ -147,24 +147,9 @@ class RoutingAccuracy:
         return bool(self._targets)
 
     def _phrase_row(self, ids: torch.Tensor, phrase: str) -> int | None:
-        """Position of the last token of the phrase's last occurrence in `ids` (BPE tokenizers write a word
-        differently after a space, so both spellings are tried)."""
         if phrase not in self._phrase_ids:
-            spellings = [" " + phrase, phrase]
-            self._phrase_ids[phrase] = [
-                torch.tensor(ids_, dtype=torch.long)
-                for ids_ in (self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in spellings) if ids_
-            ]
-        best = None
-        for pattern in self._phrase_ids[phrase]:
-            n = pattern.numel()
-            if ids.numel() < n:
-                continue
-            found = (ids.unfold(0, n, 1) == pattern.to(ids.device)).all(-1).nonzero().flatten()
-            if found.numel():
-                end = int(found[-1]) + n - 1
-                best = end if best is None else max(best, end)
-        return best
+            self._phrase_ids[phrase] = phrase_spellings(self.tokenizer, phrase)
+        return last_phrase_end(ids, self._phrase_ids[phrase])
 
     def __call__(self, *, layer, query, key, layout, q_offset=0, **_) -> None:
         if q_offset or self.batch is None:  # only full forwards (validation), never cached decode steps
@@ -222,6 +207,27 @@ class RoutingAccuracy:
             if self.name_missing:
                 out["at_name/phrase_not_found"] = float(self.name_missing)
         return out
+
+
+def phrase_spellings(tokenizer, phrase: str) -> list[torch.Tensor]:
+    """The phrase's token ids after a space and at the start of a line (BPE tokenizers write a word
+    differently after a space)."""
+    encoded = (tokenizer(s, add_special_tokens=False)["input_ids"] for s in (" " + phrase, phrase))
+    return [torch.tensor(ids, dtype=torch.long) for ids in encoded if ids]
+
+
+def last_phrase_end(ids: torch.Tensor, spellings: list[torch.Tensor]) -> int | None:
+    """Position in `ids` of the last token of the phrase's last occurrence (None: it does not occur)."""
+    best = None
+    for pattern in spellings:
+        n = pattern.numel()
+        if ids.numel() < n:
+            continue
+        found = (ids.unfold(0, n, 1) == pattern.to(ids.device)).all(-1).nonzero().flatten()
+        if found.numel():
+            end = int(found[-1]) + n - 1
+            best = end if best is None else max(best, end)
+    return best
 
 
 def _target_unit(meta: dict, units: list):

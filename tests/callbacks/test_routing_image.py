@@ -106,3 +106,42 @@ def test_pixels_are_denormalised_with_the_transform_mean_and_std():
     pixels = torch.full((3, 2, 2), -1.0)  # normalised black
     assert (to_rgb(pixels, Transform()) == 0).all()
     assert (to_rgb(torch.ones(3, 2, 2), Transform()) == 255).all()
+
+
+def test_the_phrase_panel_comes_first_and_the_generated_steps_follow_unchanged():
+    """prepend_step: step 0 is the phrase query's selection (k padded to the longer), labelled; the generated
+    tokens' steps, labels and look positions follow, shifted by one."""
+    import dataclasses
+
+    from gazelit.callbacks.routing_image import prepend_step
+    from gazelit.models.gaze_vlm import GeneratedLook
+
+    rest = dataclasses.replace(trace(), looks=[GeneratedLook(0, (0, 0, 1, 1), 0, 1)])
+    first = RoutingTrace(region=torch.tensor([[[[2, 1], [0, -1]]] * 2]), score=torch.ones(1, 2, 2, 2),
+                         unit=torch.zeros(1, 2, 2, 2, dtype=torch.long), tile=torch.tensor([[[[2, 1], [0, -1]]] * 2]),
+                         unit_grids=[(2, 2)], region_shape=(1, 1, 1))  # fmt: skip
+    joined = prepend_step(first, rest, "@red")
+    assert joined.tokens == ["@red", "red", "<|im_end|>"]
+    assert joined.tile.shape == (3, 2, 2, 2) and torch.equal(joined.tile[0], first.tile[0])
+    assert torch.equal(joined.tile[1:, ..., :1], rest.tile) and (joined.tile[1:, ..., 1] == -1).all()
+    assert (joined.looks[0].start, joined.looks[0].end) == (1, 2) and (rest.looks[0].start, rest.looks[0].end) == (0, 1)
+    counts = selection_counts(joined)
+    assert counts[(0, 0, 2)] == 2 and counts[(0, 0, 0)] == 2 and counts[(1, 0, 3)] == 3
+    picture = draw_routing([np.zeros((8, 8, 3), np.uint8)], joined, [0.5, 0.5, 1.0, 1.0], ["question: q"])
+    assert picture.size[0] == 3 * PANEL
+
+
+def test_trace_at_phrase_finds_the_phrase_in_the_prompt_or_gives_none():
+    from gazelit.callbacks.routing_image import trace_at_phrase
+
+    from ..batches import make_batch
+    from ..builders import tiny_vlm
+
+    model = tiny_vlm(top_k=1)
+    prompt = make_batch(model, [[("text", 2), ("image",), ("text", 6)]])
+    phrase = model.tokenizer(" red", add_special_tokens=False)["input_ids"]
+    end = prompt["input_ids"].shape[1] - 2
+    prompt["input_ids"][0, end - len(phrase) + 1 : end + 1] = torch.tensor(phrase)
+    found = trace_at_phrase(model, prompt, "red")
+    assert found is not None and torch.equal(found.region, model.trace_row(prompt, end).region)
+    assert trace_at_phrase(model, prompt, None) is None and trace_at_phrase(model, prompt, "zzzqqq") is None

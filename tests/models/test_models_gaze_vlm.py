@@ -158,3 +158,20 @@ def test_a_model_on_patch_embedding_features_saves_and_loads(tmp_path):
     assert len(type(loaded.vision)._block_list(loaded.vision.model)) == 0
     batch = make_batch(model, MIXED, seed=2)
     assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def test_trace_row_at_the_last_prompt_row_is_the_first_generated_tokens_selection():
+    """trace_row runs a full forward and routes one query row as the attention does; at the prompt's last
+    row that is exactly the selection generation traces for its first token. Rows that route nothing (a
+    visual row, a text row before every unit) give None."""
+    model = tiny_vlm(top_k=2)
+    for spec in ([[("text", 2), ("image",), ("text", 3)]], [[("text", 1), ("image",), ("text", 2), ("image",), ("text", 3)]]):
+        prompt = make_batch(model, spec)
+        first = model.generate_from_batch(prompt, max_new_tokens=1)[0].trace
+        last = prompt["input_ids"].shape[1] - 1
+        row = model.trace_row(prompt, last)
+        assert row.region.shape == (1, *first.region.shape[1:])
+        assert torch.equal(row.region[0], first.region[0]) and torch.equal(row.tile[0], first.tile[0])
+        assert torch.equal(row.unit[0], first.unit[0])
+    assert model.trace_row(prompt, 0) is None  # text before the first unit: no candidate region
+    assert model.trace_row(prompt, 3) is None  # a visual token's row
