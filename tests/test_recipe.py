@@ -173,15 +173,15 @@ def test_grpo_needs_one_batch_per_step_and_a_reference_for_its_kl(tmp_path):
 
 @pytest.mark.parametrize(
     "override,key",
-    [("demo.colours=9", "demo.colours"), ("demo.min_objects=5", "demo.min_objects"),
-     ("demo.max_objects=6", "demo.max_objects")],
+    [("demo.colours=9", "demo.colours"), ("demo.colours=7", "demo.max_objects"),
+     ("demo.min_objects=9", "demo.min_objects"), ("demo.max_objects=5", "max_objects (5)")],
 )
 def test_demo_boards_the_generator_cannot_draw_are_rejected_naming_the_key(override, key):
-    """Distinct colours per board: more objects than colours (5 by default), or a minimum above the maximum,
-    stop at load time, before any data is generated."""
+    """Distinct colours per board: more objects than colours (the demo draws up to 8 of 8), or a minimum
+    above the maximum, stop at load time, before any data is generated."""
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
     with pytest.raises(RecipeError) as error:
         load_recipe(recipe, [override])
     assert key in str(error.value) and "\n" not in str(error.value)
-    crowded = load_recipe(recipe, ["demo.colours=8", "demo.min_objects=6", "demo.max_objects=8"])
-    assert (crowded.demo.min_objects, crowded.demo.max_objects, crowded.demo.colours) == (6, 8, 8)
+    sparse = load_recipe(recipe, ["demo.colours=5", "demo.min_objects=2", "demo.max_objects=4"])
+    assert (sparse.demo.min_objects, sparse.demo.max_objects, sparse.demo.colours) == (2, 4, 5)

@@ -99,7 +99,7 @@ def test_demo_recipe_is_tiny_and_reads_the_generated_data():
     )
     assert (r.trainer.accelerator, r.trainer.devices, r.trainer.strategy.name) == ("cpu", 1, "single")
     shapes = derive_shapes(r)
-    assert (shapes.projected_grid, shapes.regions_per_unit, shapes.k_target) == ((8, 8), 16, 4)
+    assert (shapes.projected_grid, shapes.regions_per_unit, shapes.k_target) == ((8, 8), 16, 2)
 
 
 def test_every_command_has_help(capsys):

@@ -24,7 +24,6 @@ DEMO_DATA = {
     "test": 0,
     "image_size": 64,
     "grid": 4,
-    "max_objects": 4,
     "video_fraction": 0.0,
     "shard_size": 12,
 }
@@ -45,13 +44,14 @@ def demo_overrides(data_dir: Path) -> list[str]:
 
 def fast_overrides(data_dir: Path, run_root: Path, name: str, **extra: Any) -> list[str]:
     """The demo recipe shrunk to a few seconds of training: 4 steps of batch 4, validation and a checkpoint
-    every 2 steps, a routing picture every 2 steps, k dense at steps 0-1 and 4 from step 3 on."""
+    every 2 steps, a routing picture every 2 steps, k dense at steps 0-1 and 4 from step 3 on (the tests pin
+    k = 4, not the demo's 2, so that the schedule's middle step has a k of its own: 10)."""
     settings = {
         "data.batch_size": 4, "data.num_workers": 0, "data.shuffle_buffer": 16, "data.skip_check_min_samples": 20,
         "trainer.max_steps": 4, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1,
         "trainer.log_every_n_steps": 1,
         "train.optim.warmup_steps": 1,
-        "schedule.start_step": 1, "schedule.span_steps": 2, "schedule.shape": "cosine",
+        "model.gaze.top_k": 4, "schedule.start_step": 1, "schedule.span_steps": 2, "schedule.shape": "cosine",
         "checkpoint.every_n_steps": 2, "checkpoint.keep_last": 2,
         "logging.routing_image_every_n_steps": 2, "logging.routing_max_new_tokens": 3,
         "run.root": str(run_root), "run.name": name,
