@@ -6,8 +6,11 @@ sample's image with every region shaded by how many (layer, head) pairs selected
 queried object's box (from the sample's meta) outlined in green. Where the sample's meta gives the
 question's words naming the object (`target_phrase`), a first panel, labelled "@<phrase>", shows the
 selection of the query at the phrase's last token: a causal LM can look the object up there and carry it
-to the answer. The picture goes to TensorBoard
-(`add_image`) and to `<out_dir>/step=NNNNNN.png`, with a copy at `<out_dir>/latest.png`.
+to the answer. The regions of the one head that followed the question most at the last validation
+(GazeVLMModule.question_head: the largest hit rate on the named object minus on the board's other objects)
+are outlined in blue: the summed tint shows where most heads look, the blue where the question is followed.
+The picture goes to TensorBoard (`add_image`) and to `<out_dir>/step=NNNNNN.png`, with a copy at
+`<out_dir>/latest.png`.
 
 The sample is the first one of the validation stream read as rank 0 of 1, so every rank builds the same
 batch without communicating. Under FSDP2 all ranks must run the same forwards: every rank generates
@@ -39,6 +42,7 @@ MIN_PANEL = 96  # smallest panel side: many tokens make a wider picture rather t
 WIDTH = 1024  # the canvas width panels share
 MAX_TOKENS = 10
 MAX_UNITS = 4
+BLUE = (0, 90, 255)  # the head that follows the question most
 
 
 # ---------------------------------------------------------------------------------------------- the sample
@@ -145,12 +149,15 @@ def draw_routing(
     trace: Any,
     target_box: list[float] | None = None,
     title: str | list[str] = "",
+    head: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Rows: the sample's units (images / frames); columns: generated tokens. Each region selected for a
     token is tinted faintly by how many (layer, head) pairs chose it, relative to the token's most chosen
     region, and *outlined* in red when at least half as many chose it as that one (the image's own colours
-    stay visible); the queried object's box is outlined in green. Panels share a canvas of about `WIDTH` pixels; header lines wrap to it and each
-    token's label fits under its own panel. `title`: header lines above the panels."""
+    stay visible); the queried object's box is outlined in green. `head` (layer, head): that one head's
+    regions are also outlined in blue, inside the red. Panels share a canvas of about `WIDTH` pixels;
+    header lines wrap to it and each token's label fits under its own panel. `title`: header lines above
+    the panels."""
     tokens = min(len(trace.tokens) or trace.unit.shape[0], MAX_TOKENS)
     rows = min(len(images), MAX_UNITS)
     side = max(MIN_PANEL, min(PANEL, WIDTH // max(1, tokens)))
@@ -179,6 +186,9 @@ def draw_routing(
                     outline = (230, 0, 0, 255) if share >= 0.5 else None  # the regions most heads chose
                     marks_draw.rectangle(box, fill=(255, 0, 0, int(60 * share)), outline=outline,
                                          width=1 + round(2 * share))  # fmt: skip
+            for tile in head_tiles(trace, head, t, u):
+                box = [round(v * side) for v in trace.tile_box(u, tile)]
+                marks_draw.rectangle([box[0] + 4, box[1] + 4, box[2] - 5, box[3] - 5], outline=BLUE + (255,), width=2)
             panel = Image.alpha_composite(panel, marks).convert("RGB")
             if target_box is not None and u == 0:
                 ImageDraw.Draw(panel).rectangle([v * side for v in target_box], outline=(0, 200, 0), width=2)
@@ -189,6 +199,18 @@ def draw_routing(
         if t:
             draw.line([(t * side, header), (t * side, canvas.height)], fill=(255, 255, 255), width=2)
     return canvas
+
+
+def head_tiles(trace: Any, head: tuple[int, int] | None, token: int, unit: int) -> list[int]:
+    """The tiles of `unit` that one (layer, head) selected for `token`; none without a head or where the
+    trace has no such layer / head (a GQA-shared trace)."""
+    if head is None:
+        return []
+    layer, h = head
+    if not (0 <= layer < trace.tile.shape[1] and 0 <= h < trace.tile.shape[2]):
+        return []
+    units, tiles = trace.unit[token, layer, h], trace.tile[token, layer, h]
+    return [int(tile) for u, tile in zip(units.tolist(), tiles.tolist()) if u == unit]
 
 
 def trace_at_phrase(model: Any, prompt: dict[str, Any], phrase: str | None) -> Any:
@@ -252,6 +274,7 @@ class RoutingImageLogger(L.Callback):
         transform = getattr(trainer.datamodule, "image_transform", None)
         images = [to_rgb(p, transform) for p in prompt["pixel_values"]]
         k = pl_module.model.top_k
+        head = getattr(pl_module, "question_head", None)
         expected = pl_module.model.tokenizer.decode(meta["expected"].tolist(), skip_special_tokens=True)
         title = [
             f"question: {meta['question']}" if meta.get("question") else "",
@@ -260,9 +283,12 @@ class RoutingImageLogger(L.Callback):
              "layer x head pairs selected (tint: how many); green = the object asked about"),
             (f"first panel '@{meta['target_phrase']}': the selection at the question's word naming the object"
              if at_phrase is not None else ""),
+            (f"blue = layer {head[0]} head {head[1]}, the head that follows the question most at the answer token "
+             f"(last validation: hit rate on the named object minus on the others {head[2]:+.2f})"
+             if head is not None else ""),
         ]  # fmt: skip
         title = [line for line in title if line]
-        picture = draw_routing(images, trace, meta.get("target_box"), title)
+        picture = draw_routing(images, trace, meta.get("target_box"), title, head=None if head is None else head[:2])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step={trainer.global_step:06d}.png"
         picture.save(path)

@@ -81,6 +81,7 @@ class GazeVLMModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_token_acc = MulticlassAccuracy(num_classes=vocab, ignore_index=-100, average="micro")
         self.val_answer_acc = MeanMetric()  # samples whose every answer greedy decoding gets exactly right
+        self.question_head: tuple[int, int, float] | None = None  # set by validation where data has other objects
         self._skipped: Counter = Counter()
         self._step_tokens = torch.zeros((), dtype=torch.long)  # supervised tokens of this rank's current step
         self._last_step_end: float | None = None
@@ -236,6 +237,8 @@ class GazeVLMModule(L.LightningModule):
         if routing is not None:
             for name, value in routing.metrics().items():
                 self.log(f"val/{name}", value, sync_dist=True)
+            # this rank's (layer, head, gap) that follows the question most; the routing picture marks it
+            self.question_head = routing.question_head()
             self._routing = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -77,6 +77,17 @@ class RoutingSums:
             out[f"hit_rate/layer{layer}"] = float(hits[layer].mean())
         return out
 
+    def question_head(self) -> tuple[int, int, float] | None:
+        """(layer, head, gap) of the head whose selection follows the question most: the largest hit rate
+        on the named object minus its hit rate on the board's other objects. None without other objects."""
+        if not self.paired:
+            return None
+        layers = sorted(self.paired_hits)
+        gap = (torch.stack([self.paired_hits[layer] for layer in layers])
+               - torch.stack([self.other_hits[layer] for layer in layers])) / self.paired  # fmt: skip
+        index, heads = int(gap.flatten().argmax()), gap.shape[1]
+        return layers[index // heads], index % heads, float(gap.flatten()[index])
+
 
 @dataclass
 class _Target:
@@ -196,6 +207,10 @@ class RoutingAccuracy:
             k = min(self.top_k, total)
             sums.chance_inside += obj.numel() / max(visual, 1)
             sums.chance_hit += 1.0 - (math.comb(total - touching, k) / math.comb(total, k) if total else 1.0)
+
+    def question_head(self) -> tuple[int, int, float] | None:
+        """At the first answer token, (layer, head, gap) of the head that follows the question most."""
+        return self.at_answer.question_head()
 
     def metrics(self) -> dict[str, float]:
         """Means over samples: routing accuracy and hit rate (all layers and heads, and per layer), the

@@ -146,6 +146,17 @@ def test_other_object_hits_are_the_same_heads_hits_on_the_boards_other_objects()
     assert "question_gap_best" not in probe.metrics()
 
 
+def test_the_question_head_is_the_largest_named_minus_other_gap():
+    from gazelit.models.routing_accuracy import RoutingSums
+
+    sums = RoutingSums(paired=4)
+    assert RoutingSums().question_head() is None  # no other objects: nothing to compare
+    sums.paired_hits = {0: torch.tensor([4.0, 4.0]), 1: torch.tensor([3.0, 2.0])}
+    sums.other_hits = {0: torch.tensor([4.0, 3.0]), 1: torch.tensor([0.0, 2.0])}
+    layer, head, gap = sums.question_head()
+    assert (layer, head) == (1, 0) and gap == 0.75  # not layer 0's heads, which hit every object
+
+
 def test_fidelity_question_following_compares_each_head_with_itself_and_reports_each_layer():
     """benchmarks/fidelity.py's summary: the best head is chosen by its named-object hits, its other-object
     hits are reported beside them, and each layer's gap is its own best head's."""

@@ -83,6 +83,25 @@ def test_drawing_outlines_selected_tiles_by_share_and_keeps_the_image_visible():
     assert tuple(picture[header + 1, 1]) == (0, 200, 0)  # the target box outline, top-left corner
 
 
+def test_the_question_head_is_outlined_in_blue_where_it_looked():
+    """trace(): layer 1 head 1 selected tile 1 (top-right) for token 0 and nothing for token 1."""
+    from callbacks.routing_image import BLUE, head_tiles
+
+    t = trace()
+    assert head_tiles(t, (1, 1), 0, 0) == [1] and head_tiles(t, (1, 1), 1, 0) == []
+    assert head_tiles(t, None, 0, 0) == [] and head_tiles(t, (5, 0), 0, 0) == []  # no such layer: nothing
+    image = np.full((8, 8, 3), 235, dtype=np.uint8)
+    plain = np.asarray(draw_routing([image], t))
+    marked = np.asarray(draw_routing([image], t, head=(1, 1)))
+    blue = (marked == np.array(BLUE, dtype=np.uint8)).all(axis=-1)
+    side = PANEL
+    header = marked.shape[0] - side - 14
+    rows, cols = np.nonzero(blue)
+    assert blue.any() and not (plain == np.array(BLUE, dtype=np.uint8)).all(axis=-1).any()
+    assert cols.min() >= side // 2 and cols.max() < side  # token 0's panel, right half: tile 1
+    assert rows.min() >= header and rows.max() < header + side // 2  # top half
+
+
 def test_caption_words_stay_apart_and_any_text_draws():
     """Each space of a header line is a blank gap as wide as a letter (Pillow's small FreeType default
     drew 2-pixel spaces: "Whatshape is ..."), and text outside the font's range draws as '?'."""

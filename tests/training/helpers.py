@@ -65,6 +65,10 @@ class RunRecorder(L.Callback):
 
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
+        self.question_head = None  # the module's at the end of training (the routing picture's blue head)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.question_head = getattr(pl_module, "question_head", None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

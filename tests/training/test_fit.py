@@ -61,6 +61,9 @@ def test_run_directory_holds_recipe_checkpoints_logs_picture_and_model(runs):
     assert {"val/answer_acc", "val/routing_acc", "val/hit_rate_best_head", "val/hit_rate_chance",
             "val/at_name/hit_rate_best_head"} <= set(result.metrics)  # and at the question's naming words
     assert 0 < result.metrics["val/hit_rate_chance"] < 1
+    # the demo data lists the other objects: validation names the head that follows the question most
+    layer, head, gap = runs["recorded"]["A"].question_head
+    assert 0 <= layer < 4 and 0 <= head < 4 and -1 <= gap <= 1
     summary = result.summary()
     for path in (p.root, p.checkpoints, p.tensorboard, result.routing_picture, p.model):
         assert str(path) in summary
