@@ -65,8 +65,7 @@ class RoutingSums:
             "hit_rate_chance": self.chance_hit / self.samples, "samples": float(self.samples),
         }  # fmt: skip
         if self.paired:  # the best head's hit rate on the other objects, and the largest named-minus-other gap
-            named = torch.stack([self.paired_hits[layer] for layer in layers]) / self.paired
-            other = torch.stack([self.other_hits[layer] for layer in layers]) / self.paired
+            named, other = self._paired_rates()
             out["hit_rate_other_best_head"] = float(other.flatten()[int(named.flatten().argmax())])
             out["question_gap_best"] = float((named - other).max())
             out["question_gap_mean"] = float((named - other).mean())
@@ -77,16 +76,23 @@ class RoutingSums:
             out[f"hit_rate/layer{layer}"] = float(hits[layer].mean())
         return out
 
+    def _paired_rates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, heads) hit rates on the named object and on the other objects, over the paired samples."""
+        layers = sorted(self.paired_hits)
+        named = torch.stack([self.paired_hits[layer] for layer in layers]) / self.paired
+        other = torch.stack([self.other_hits[layer] for layer in layers]) / self.paired
+        return named, other
+
     def question_head(self) -> tuple[int, int, float] | None:
         """(layer, head, gap) of the head whose selection follows the question most: the largest hit rate
         on the named object minus its hit rate on the board's other objects. None without other objects."""
         if not self.paired:
             return None
-        layers = sorted(self.paired_hits)
-        gap = (torch.stack([self.paired_hits[layer] for layer in layers])
-               - torch.stack([self.other_hits[layer] for layer in layers])) / self.paired  # fmt: skip
-        index, heads = int(gap.flatten().argmax()), gap.shape[1]
-        return layers[index // heads], index % heads, float(gap.flatten()[index])
+        named, other = self._paired_rates()
+        gap = (named - other).flatten()
+        index = int(gap.argmax())
+        layer, head = divmod(index, named.shape[1])
+        return sorted(self.paired_hits)[layer], head, float(gap[index])
 
 
 @dataclass
