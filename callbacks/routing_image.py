@@ -202,8 +202,9 @@ def draw_routing(
 
 
 def head_tiles(trace: Any, head: tuple[int, int] | None, token: int, unit: int) -> list[int]:
-    """The tiles of `unit` that one (layer, head) selected for `token`; none without a head or where the
-    trace has no such layer / head (a GQA-shared trace)."""
+    """The tiles of `unit` that one (layer, head) selected for `token` (query heads, as in the validation
+    metric; a GQA-shared selection is expanded to them); none without a head or where the trace has no
+    such layer / head."""
     if head is None:
         return []
     layer, h = head
